@@ -41,6 +41,8 @@ pub enum OutputKind {
     Grad(String),
     /// The new value of the named parameter (or optimizer state) after the step.
     Update(String),
+    /// A named scalar the runner reports (e.g. `grad_norm`).
+    Metric(String),
 }
 
 #[derive(Clone, Debug, PartialEq)]

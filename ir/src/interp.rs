@@ -281,6 +281,8 @@ fn eval(op: &Op, ins: &[&Value], ty: &Type, env: &Env, precision: Precision) -> 
         Op::Sub {} => zip(f(ins[0])?, f(ins[1])?, |a, b| a - b)?,
         Op::Mul {} => zip(f(ins[0])?, f(ins[1])?, |a, b| a * b)?,
         Op::Div {} => zip(f(ins[0])?, f(ins[1])?, |a, b| a / b)?,
+        Op::Minimum {} => zip(f(ins[0])?, f(ins[1])?, f64::min)?,
+        Op::Maximum {} => zip(f(ins[0])?, f(ins[1])?, f64::max)?,
         Op::Neg {} => map(f(ins[0])?, |x| -x),
         Op::Exp {} => map(f(ins[0])?, f64::exp),
         Op::Log {} => map(f(ins[0])?, f64::ln),

@@ -156,6 +156,10 @@ op_table! {
     Mul "mul" arity(Arity::Fixed(2)) {} types |ins, decl| broadcast2(ins);
     /// a / b (broadcasting)
     Div "div" arity(Arity::Fixed(2)) {} types |ins, decl| broadcast2(ins);
+    /// min(a, b) (broadcasting; not differentiated — used for gradient clipping)
+    Minimum "minimum" arity(Arity::Fixed(2)) {} types |ins, decl| broadcast2(ins);
+    /// max(a, b) (broadcasting; not differentiated)
+    Maximum "maximum" arity(Arity::Fixed(2)) {} types |ins, decl| broadcast2(ins);
     /// −x
     Neg "neg" arity(Arity::Fixed(1)) {} types |ins, decl| float_unary(ins[0]);
     /// eˣ

@@ -48,7 +48,8 @@ pub fn print(g: &Graph) -> String {
         }
         let _ = write!(out, " : {}", n.ty);
         if let Some(l) = &n.label {
-            let _ = write!(out, " ; {l}");
+            // Labels run to the end of the line: escape what would break it.
+            let _ = write!(out, " ; {}", l.replace('\\', "\\\\").replace('\n', "\\n"));
         }
         out.push('\n');
     }
@@ -63,6 +64,10 @@ pub fn print(g: &Graph) -> String {
             }
             OutputKind::Update(p) => {
                 out.push_str("update ");
+                write_str_lit(p, &mut out);
+            }
+            OutputKind::Metric(p) => {
+                out.push_str("metric ");
                 write_str_lit(p, &mut out);
             }
         }
@@ -113,7 +118,8 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
                 "logits" => OutputKind::Logits,
                 "grad" => OutputKind::Grad(c.string()?),
                 "update" => OutputKind::Update(c.string()?),
-                w => return Err(c.err(&format!("unknown output kind `{w}` (loss, logits, grad, update)"))),
+                "metric" => OutputKind::Metric(c.string()?),
+                w => return Err(c.err(&format!("unknown output kind `{w}` (loss, logits, grad, update, metric)"))),
             };
             c.punct('=')?;
             let value = c.value_id()?;
@@ -176,7 +182,9 @@ fn parse_node(c: &mut Cursor, index: usize) -> Result<Node, ParseError> {
     let ty = c.ty()?;
     let label = if c.peek() == Some(';') {
         c.punct(';')?;
-        let l = c.s[c.pos..].trim().to_string();
+        // One space separates `;` from the label, which runs verbatim to the end of the line.
+        let rest = &c.s[c.pos..];
+        let l = unescape_label(rest.strip_prefix(' ').unwrap_or(rest));
         c.pos = c.s.len();
         Some(l)
     } else {
@@ -184,6 +192,22 @@ fn parse_node(c: &mut Cursor, index: usize) -> Result<Node, ParseError> {
     };
     c.end()?;
     Ok(Node { op, inputs, ty, label })
+}
+
+fn unescape_label(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match (c, c == '\\') {
+            (_, true) => match chars.next() {
+                Some('n') => out.push('\n'),
+                Some(o) => out.push(o),
+                None => out.push('\\'),
+            },
+            (c, false) => out.push(c),
+        }
+    }
+    out
 }
 
 /// `f32`, `nf4<64,256>`, ... from a word and its `<..>` arguments.
