@@ -182,10 +182,16 @@ pub enum Init {
     Zeros,
     Ones,
     /// Uniform(-b, b) with b = gain·sqrt(3 / fan_in), gain = sqrt(2 / (1 + a²)) — `nn.Linear`'s default for a = √5.
-    KaimingUniform { a: f64 },
-    Normal { std: f64 },
+    KaimingUniform {
+        a: f64,
+    },
+    Normal {
+        std: f64,
+    },
     /// The L2 norm of each row (output channel) of another parameter, dequantized if needed (DoRA's magnitude).
-    RowNorm { of: String },
+    RowNorm {
+        of: String,
+    },
 }
 
 impl Attr for Init {
@@ -221,7 +227,9 @@ impl Attr for Init {
             ("kaiming_uniform", _) => Ok(Init::KaimingUniform { a: f64::from_lit(one()?)? }),
             ("normal", _) => Ok(Init::Normal { std: f64::from_lit(one()?)? }),
             ("row_norm", _) => Ok(Init::RowNorm { of: String::from_lit(one()?)? }),
-            _ => Err(format!("unknown init `{w}` (load, zeros, ones, kaiming_uniform(a), normal(std), row_norm(\"p\"))")),
+            _ => {
+                Err(format!("unknown init `{w}` (load, zeros, ones, kaiming_uniform(a), normal(std), row_norm(\"p\"))"))
+            }
         }
     }
 }

@@ -183,13 +183,19 @@ pub fn matmul(a: &Type, b: &Type, ta: bool, tb: bool) -> Rule {
         return Err(format!("matmul operands differ in dtype: {a} and {b}"));
     }
     if !((a.rank() == 2 && b.rank() == 2) || (a.rank() == 3 && b.rank() == 3 && a.shape[0] == b.shape[0])) {
-        return Err(format!("matmul takes two rank-2 tensors or two rank-3 tensors with equal batch, found {a} and {b}"));
+        return Err(format!(
+            "matmul takes two rank-2 tensors or two rank-3 tensors with equal batch, found {a} and {b}"
+        ));
     }
     let r = a.rank();
     let (m, ka) = if ta { (a.shape[r - 1], a.shape[r - 2]) } else { (a.shape[r - 2], a.shape[r - 1]) };
     let (kb, n) = if tb { (b.shape[r - 1], b.shape[r - 2]) } else { (b.shape[r - 2], b.shape[r - 1]) };
     if ka != kb {
-        return Err(format!("matmul inner dimensions differ: {a}{} · {b}{}", if ta { "ᵀ" } else { "" }, if tb { "ᵀ" } else { "" }));
+        return Err(format!(
+            "matmul inner dimensions differ: {a}{} · {b}{}",
+            if ta { "ᵀ" } else { "" },
+            if tb { "ᵀ" } else { "" }
+        ));
     }
     let mut shape = a.shape[..r - 2].to_vec();
     shape.extend([m, n]);

@@ -102,8 +102,11 @@ pub fn run(g: &Graph, env: &Env, precision: Precision) -> Result<Vec<Value>, Int
             Some(v) => v.clone(),
             None => {
                 let ins: Vec<&Value> = n.inputs.iter().map(|v| &vals[v.index()]).collect();
-                eval(&n.op, &ins, &n.ty, env, precision)
-                    .map_err(|message| InterpError { at, op: n.op.mnemonic(), message })?
+                eval(&n.op, &ins, &n.ty, env, precision).map_err(|message| InterpError {
+                    at,
+                    op: n.op.mnemonic(),
+                    message,
+                })?
             }
         };
         let v = round(v, &n.ty, precision);
@@ -266,7 +269,10 @@ fn eval(op: &Op, ins: &[&Value], ty: &Type, env: &Env, precision: Precision) -> 
         }
         Op::BroadcastTo { shape } => {
             let x = f(ins[0])?;
-            Value::F(Tensor::new(shape.clone(), broadcast_offsets(&x.shape, shape).iter().map(|&o| x.data[o]).collect()))
+            Value::F(Tensor::new(
+                shape.clone(),
+                broadcast_offsets(&x.shape, shape).iter().map(|&o| x.data[o]).collect(),
+            ))
         }
         Op::SumTo { shape } => {
             let x = f(ins[0])?;
@@ -448,13 +454,19 @@ fn eval(op: &Op, ins: &[&Value], ty: &Type, env: &Env, precision: Precision) -> 
             let (x, step) = (f(ins[0])?, scalar_int(ins[1])?);
             let keep_scale = 1.0 / (1.0 - p);
             let data = (0..x.data.len())
-                .map(|i| if crate::rng::dropout_keep(*seed, step as u64, i as u64, *p) { x.data[i] * keep_scale } else { 0.0 })
+                .map(|i| {
+                    if crate::rng::dropout_keep(*seed, step as u64, i as u64, *p) {
+                        x.data[i] * keep_scale
+                    } else {
+                        0.0
+                    }
+                })
                 .collect();
             Value::F(Tensor::new(x.shape.clone(), data))
         }
-        Op::AdamWMoment { beta, square } => zip(f(ins[0])?, f(ins[1])?, |m, g| {
-            beta * m + (1.0 - beta) * if *square { g * g } else { g }
-        })?,
+        Op::AdamWMoment { beta, square } => {
+            zip(f(ins[0])?, f(ins[1])?, |m, g| beta * m + (1.0 - beta) * if *square { g * g } else { g })?
+        }
         Op::AdamWUpdate { beta1, beta2, eps, weight_decay } => {
             let (p, m, v) = (f(ins[0])?, f(ins[1])?, f(ins[2])?);
             let (lr, t) = (f(ins[3])?.data[0], scalar_int(ins[4])?);
@@ -586,7 +598,9 @@ fn attention(
                     (0..t).filter(|&j| seg[bi * t + j] == seg[bi * t + i] && (!causal || j <= i)).collect();
                 let scores: Vec<f64> = visible
                     .iter()
-                    .map(|&j| scale * (0..hd).map(|d| q.data[qi(bi, i, hi) + d] * k.data[ki(bi, j, g) + d]).sum::<f64>())
+                    .map(|&j| {
+                        scale * (0..hd).map(|d| q.data[qi(bi, i, hi) + d] * k.data[ki(bi, j, g) + d]).sum::<f64>()
+                    })
                     .collect();
                 let p = softmax(&scores);
                 match grad {

@@ -8,7 +8,7 @@
 //! Conventions: `x: [..]` names input shapes. Matmuls are rank 2 (or rank 3 with equal batch). Hidden states are
 //! `[tokens, hidden]`; attention and RoPE see `[batch, seq, heads, head_dim]`.
 
-use crate::attr::{Attr, AttrLit, AttnArg, Init, Role};
+use crate::attr::{AttnArg, Attr, AttrLit, Init, Role};
 use crate::infer::*;
 use crate::types::{DType, Shape, Type};
 

@@ -10,7 +10,11 @@ pub fn mix64(mut z: u64) -> u64 {
 
 /// A uniform number in [0, 1) with 24 random bits (exact in f32) for element `index` of a draw at `step`.
 pub fn uniform(seed: u64, step: u64, index: u64) -> f32 {
-    let h = mix64(mix64(seed ^ 0x9e37_79b9_7f4a_7c15).wrapping_add(mix64(step)).wrapping_add(index.wrapping_mul(0xd6e8_feb8_6659_fd93)));
+    let h = mix64(
+        mix64(seed ^ 0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(mix64(step))
+            .wrapping_add(index.wrapping_mul(0xd6e8_feb8_6659_fd93)),
+    );
     (h >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 

@@ -131,7 +131,11 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
         }
     }
     if !closed {
-        return Err(ParseError { line: text.lines().count(), col: 1, message: "missing `graph \"..\" {` ... `}`".into() });
+        return Err(ParseError {
+            line: text.lines().count(),
+            col: 1,
+            message: "missing `graph \"..\" {` ... `}`".into(),
+        });
     }
     Ok(g)
 }
@@ -176,8 +180,7 @@ fn parse_node(c: &mut Cursor, index: usize) -> Result<Node, ParseError> {
         }
         c.punct('}')?;
     }
-    let op = Op::from_parts(&mnemonic, &attrs)
-        .map_err(|m| ParseError { line: c.line, col: op_col + 1, message: m })?;
+    let op = Op::from_parts(&mnemonic, &attrs).map_err(|m| ParseError { line: c.line, col: op_col + 1, message: m })?;
     c.punct(':')?;
     let ty = c.ty()?;
     let label = if c.peek() == Some(';') {

@@ -114,10 +114,14 @@ fn random_graph(seed: u64, rounds: usize) -> Graph {
         b.op(Op::Dropout { p: r.f64(), seed: r.next() >> 1 }, &[x, step]).unwrap();
         let loss = b.op(Op::CrossEntropy { ignore_index: -100 }, &[y, ids]).unwrap();
         b.op(Op::CrossEntropyBwd { ignore_index: -100 }, &[loss, y, ids]).unwrap();
-        b.op(Op::AdamWUpdate { beta1: r.f64(), beta2: r.f64(), eps: r.f64(), weight_decay: r.f64() }, &[x, x, x, lr, step])
-            .unwrap();
+        b.op(
+            Op::AdamWUpdate { beta1: r.f64(), beta2: r.f64(), eps: r.f64(), weight_decay: r.f64() },
+            &[x, x, x, lr, step],
+        )
+        .unwrap();
         let fmt = Nf4Format { block: 64, double_quant: if r.below(2) == 0 { None } else { Some(256) } };
-        let qw = b.param(&format!("nf4.{round}"), Type::new(DType::Nf4(fmt), vec![n, k]), Role::Frozen, Init::Load).unwrap();
+        let qw =
+            b.param(&format!("nf4.{round}"), Type::new(DType::Nf4(fmt), vec![n, k]), Role::Frozen, Init::Load).unwrap();
         b.op(Op::Nf4Dequantize {}, &[qw]).unwrap();
         for kind in [OpKind::Rope, OpKind::Attention, OpKind::AttentionBwd, OpKind::Dropout, OpKind::CrossEntropy] {
             used.insert(kind);

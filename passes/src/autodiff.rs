@@ -44,7 +44,8 @@ pub fn differentiate(g: &mut Graph, wrt: Wrt) -> Result<usize, String> {
         .iter()
         .map(|node| match &node.op {
             Op::Param { role, .. } => {
-                node.ty.dtype.is_float() && (*role == Role::Trainable || (wrt == Wrt::AllParams && *role == Role::Frozen))
+                node.ty.dtype.is_float()
+                    && (*role == Role::Trainable || (wrt == Wrt::AllParams && *role == Role::Frozen))
             }
             _ => false,
         })
@@ -68,7 +69,8 @@ pub fn differentiate(g: &mut Graph, wrt: Wrt) -> Result<usize, String> {
             continue;
         }
         b.set_label(Some(format!("{} (bwd)", node.label.as_deref().unwrap_or(""))));
-        let grads = vjp(&mut b, ValueId(i as u32), dy, &needs).map_err(|e| format!("%{i} ({}): {e}", node.op.mnemonic()))?;
+        let grads =
+            vjp(&mut b, ValueId(i as u32), dy, &needs).map_err(|e| format!("%{i} ({}): {e}", node.op.mnemonic()))?;
         for (x, gx) in node.inputs.iter().zip(grads) {
             let Some(gx) = gx else { continue };
             if !needs[x.index()] {
@@ -169,7 +171,10 @@ pub fn vjp(b: &mut Builder, y: ValueId, dy: ValueId, needs: &[bool]) -> Result<V
         Op::Add {} => vec![Some(e(unbroadcast(b, dy, x[0]))?), Some(e(unbroadcast(b, dy, x[1]))?)],
         Op::Sub {} => {
             let neg = if need(1) { Some(e(b.neg(dy))?) } else { None };
-            vec![Some(e(unbroadcast(b, dy, x[0]))?), neg.map(|n| unbroadcast(b, n, x[1])).transpose().map_err(|e| e.to_string())?]
+            vec![
+                Some(e(unbroadcast(b, dy, x[0]))?),
+                neg.map(|n| unbroadcast(b, n, x[1])).transpose().map_err(|e| e.to_string())?,
+            ]
         }
         Op::Mul {} => {
             let mut out = vec![None, None];

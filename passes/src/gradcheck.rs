@@ -22,7 +22,12 @@ pub struct ParamCheck {
 
 /// Checks the gradient of the loss of `forward` w.r.t. every trainable parameter, at up to `per_param` elements
 /// of each (chosen by a seeded stride; `None` checks all), with step `h`.
-pub fn check_gradients(forward: &Graph, env: &Env, h: f64, per_param: Option<usize>) -> Result<Vec<ParamCheck>, String> {
+pub fn check_gradients(
+    forward: &Graph,
+    env: &Env,
+    h: f64,
+    per_param: Option<usize>,
+) -> Result<Vec<ParamCheck>, String> {
     let mut step = forward.clone();
     step.outputs.retain(|o| o.kind == OutputKind::Loss);
     let fwd_only = step.clone();

@@ -1,0 +1,112 @@
+//! PTX emission through LLVM's NVPTX backend: set the module's triple and data layout, optimize it, verify it, and
+//! print PTX assembly for one SM architecture.
+
+use std::sync::Once;
+
+use inkwell::module::Module;
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine, TargetTriple};
+use inkwell::OptimizationLevel;
+
+use crate::CodegenError;
+
+/// LLVM's triple for 64-bit CUDA.
+pub const NVPTX_TRIPLE: &str = "nvptx64-nvidia-cuda";
+
+/// The PTX ISA version we ask for. PTX 8.0 (CUDA 12.0) covers sm_80..sm_90 and is accepted by ptxas from CUDA 12.0
+/// on; LLVM 22 would otherwise pick the minimum the SM needs (7.0 for sm_80, 7.8 for sm_90).
+pub const PTX_ISA_FEATURE: &str = "+ptx80";
+
+/// The lowest SM we target: mma.sync bf16 and cp.async need sm_80.
+pub const MIN_SM: u32 = 80;
+
+fn initialize_nvptx() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| Target::initialize_nvptx(&InitializationConfig::default()));
+}
+
+/// Creates an NVPTX target machine for `sm_<sm>` (e.g. 80 for A100, 90 for H100/H200).
+pub fn nvptx_target_machine(sm: u32) -> Result<TargetMachine, CodegenError> {
+    if sm < MIN_SM {
+        return Err(CodegenError::UnsupportedSm(sm));
+    }
+    initialize_nvptx();
+    let triple = TargetTriple::create(NVPTX_TRIPLE);
+    let target = Target::from_triple(&triple)
+        .map_err(|e| CodegenError::Llvm { stage: "NVPTX target", message: e.to_string() })?;
+    let cpu = format!("sm_{sm}");
+    target
+        .create_target_machine(
+            &triple,
+            &cpu,
+            PTX_ISA_FEATURE,
+            OptimizationLevel::Aggressive,
+            RelocMode::Default,
+            CodeModel::Default,
+        )
+        .ok_or_else(|| CodegenError::Llvm {
+            stage: "NVPTX target",
+            message: format!("LLVM could not create a target machine for {NVPTX_TRIPLE} {cpu} {PTX_ISA_FEATURE}"),
+        })
+}
+
+/// Lowers `module` to PTX text for `sm_<sm>`.
+///
+/// The module is changed in place: its triple and data layout become NVPTX's and the LLVM `default<O3>` pipeline runs
+/// over it. Kernels must carry the `ptx_kernel` calling convention (see `kernels::set_ptx_kernel`) to come out as
+/// `.entry` functions.
+pub fn emit_ptx(module: &Module<'_>, sm: u32) -> Result<String, CodegenError> {
+    let machine = nvptx_target_machine(sm)?;
+    module.set_triple(&machine.get_triple());
+    module.set_data_layout(&machine.get_target_data().get_data_layout());
+    module.verify().map_err(|e| CodegenError::Llvm { stage: "verify", message: e.to_string() })?;
+    module
+        .run_passes("default<O3>", &machine, PassBuilderOptions::create())
+        .map_err(|e| CodegenError::Llvm { stage: "optimize", message: e.to_string() })?;
+    let buffer = machine
+        .write_to_memory_buffer(module, FileType::Assembly)
+        .map_err(|e| CodegenError::Llvm { stage: "emit PTX", message: e.to_string() })?;
+    let text = String::from_utf8_lossy(buffer.as_slice());
+    // The buffer may carry a trailing NUL from LLVM's raw_svector_ostream.
+    Ok(text.trim_end_matches('\0').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use inkwell::context::Context;
+    use kernels::emit_axpy_kernel;
+
+    fn axpy_ptx(sm: u32) -> String {
+        let ctx = Context::create();
+        let module = ctx.create_module("axpy");
+        emit_axpy_kernel(&ctx, &module).expect("emit axpy");
+        emit_ptx(&module, sm).expect("emit PTX")
+    }
+
+    #[test]
+    fn axpy_ptx_has_an_entry_for_sm80_and_sm90() {
+        for sm in [80, 90] {
+            let ptx = axpy_ptx(sm);
+            assert!(ptx.contains(".entry tunec_axpy"), "sm_{sm}: no .entry in\n{ptx}");
+            assert!(!ptx.contains(".func tunec_axpy"), "sm_{sm}: kernel emitted as .func\n{ptx}");
+            assert!(ptx.contains(&format!(".target sm_{sm}")), "sm_{sm}: wrong .target in\n{ptx}");
+            assert!(ptx.contains(".version 8.0"), "sm_{sm}: expected PTX ISA 8.0 in\n{ptx}");
+            assert!(ptx.contains(".address_size 64"), "{ptx}");
+            // The special registers and the bounds check survive optimization.
+            assert!(ptx.contains("%tid.x") && ptx.contains("%ctaid.x") && ptx.contains("%ntid.x"), "{ptx}");
+            assert!(ptx.contains("setp."), "no bounds check in\n{ptx}");
+            // Without fast-math flags LLVM keeps the multiply and the add separately rounded (no contraction to fma).
+            assert!(ptx.contains("fma.rn.f32") || ptx.contains("mul.rn.f32"), "no multiply in\n{ptx}");
+            assert!(ptx.contains("st.global"), "no store to y in\n{ptx}");
+        }
+    }
+
+    #[test]
+    fn old_sm_is_rejected() {
+        let ctx = Context::create();
+        let module = ctx.create_module("axpy");
+        emit_axpy_kernel(&ctx, &module).expect("emit axpy");
+        assert!(matches!(emit_ptx(&module, 70), Err(CodegenError::UnsupportedSm(70))));
+    }
+}
