@@ -242,7 +242,7 @@ pub fn rope(x: &Type, pos: &Type) -> Rule {
     if pos.shape[..] != x.shape[..2] {
         return Err(format!("rope positions {pos} must be [batch, seq] of {x}"));
     }
-    if x.shape[3] % 2 != 0 {
+    if !x.shape[3].is_multiple_of(2) {
         return Err(format!("rope needs an even head dimension, found {x}"));
     }
     Ok(x.clone())
@@ -298,7 +298,7 @@ pub fn nf4_quantize(w: &Type, block: usize, double_quant: usize) -> Rule {
     if w.dtype != DType::F32 {
         return Err(format!("nf4_quantize takes f32, found {w}"));
     }
-    if block == 0 || block % 2 != 0 {
+    if block == 0 || !block.is_multiple_of(2) {
         return Err(format!("NF4 block size must be even and positive, found {block}"));
     }
     let double_quant = (double_quant > 0).then_some(double_quant as u32);

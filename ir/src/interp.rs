@@ -5,6 +5,9 @@
 //! are rounded to f32 after each op; in [`Precision::F64`] mode (gradient checks) they are kept in f64. bf16/f16
 //! results are always rounded to their type. NF4 (de)quantization runs in f32 exactly as bitsandbytes does.
 
+// Index loops here mirror the formulas they implement; that matters more than iterator style in the oracle.
+#![allow(clippy::needless_range_loop)]
+
 use crate::attr::AttnArg;
 use crate::graph::{Graph, ValueId};
 use crate::infer::broadcast_shapes;
@@ -133,7 +136,7 @@ fn round(v: Value, ty: &Type, p: Precision) -> Value {
     Value::F(t)
 }
 
-fn f<'a>(v: &'a Value) -> Result<&'a Tensor, String> {
+fn f(v: &Value) -> Result<&Tensor, String> {
     v.as_f().ok_or_else(|| "expected a float tensor".to_string())
 }
 
