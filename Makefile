@@ -7,7 +7,7 @@ SHELL := /bin/bash
 
 ENV := source scripts/env.sh
 
-.PHONY: setup build test demo
+.PHONY: setup build test demo bench
 
 setup:
 	scripts/setup.sh
@@ -28,5 +28,17 @@ demo: setup
 	$(ENV)
 	cargo build --release -p tunec
 	mkdir -p target/demo
-	cargo run --release -p tunec -- compile examples/llama2-7b.qlora.rs --emit ir > target/demo/llama2-7b.qlora.ir
-	head -n 60 target/demo/llama2-7b.qlora.ir
+	echo "== tunec doctor: the native toolchain"
+	target/release/tunec doctor
+	echo "== tunec compile examples/llama2-7b.qlora.rs --emit ir (first 40 lines of the training-step IR)"
+	target/release/tunec compile examples/llama2-7b.qlora.rs --emit ir > target/demo/llama2-7b.qlora.tir
+	head -n 40 target/demo/llama2-7b.qlora.tir
+	echo "... ($$(wc -l < target/demo/llama2-7b.qlora.tir) lines in target/demo/llama2-7b.qlora.tir)"
+	echo "== the IR after every pass for the tiny LoRA recipe: target/demo/tiny.lora/"
+	target/release/tunec compile examples/tiny.lora.rs --emit none --dump-all target/demo/tiny.lora
+
+# Compile-time benchmark: prints a table, writes target/bench/compile.json.
+bench: setup
+	$(ENV)
+	cargo build --release -p tunec
+	scripts/bench_compile.sh 10 target/bench/compile.json
