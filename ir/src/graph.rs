@@ -51,12 +51,23 @@ pub struct Output {
     pub value: ValueId,
 }
 
+/// A group of nodes that runs as one kernel (formed by the fusion pass; empty before it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    /// A readable name: the anchor op and where it came from (`lora_linear:model.layers.0.self_attn.q_proj`).
+    pub name: String,
+    /// Member nodes in increasing order; values read from outside the group are the kernel's inputs.
+    pub nodes: Vec<ValueId>,
+}
+
 /// A whole program: the forward graph, or the training step (forward + backward + optimizer).
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Graph {
     pub name: String,
     pub nodes: Vec<Node>,
     pub outputs: Vec<Output>,
+    /// Kernel groups, once formed (every non-leaf node in exactly one group then).
+    pub kernels: Vec<Kernel>,
 }
 
 /// Error from building a node whose inputs do not type-check.
@@ -199,6 +210,10 @@ impl Graph {
         for o in &mut self.outputs {
             o.value = remap[o.value.index()].expect("an output reads a removed node");
         }
+        for k in &mut self.kernels {
+            k.nodes = k.nodes.iter().filter_map(|v| remap[v.index()]).collect();
+        }
+        self.kernels.retain(|k| !k.nodes.is_empty());
         removed
     }
 }

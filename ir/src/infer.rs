@@ -29,7 +29,7 @@ pub fn scalar_i32(t: &Type) -> Result<(), String> {
     }
 }
 
-fn scalar_f32(t: &Type) -> Result<(), String> {
+pub fn scalar_f32(t: &Type) -> Result<(), String> {
     float(t)?;
     if t.rank() == 0 {
         Ok(())
@@ -318,4 +318,33 @@ pub fn adamw_update(ins: &[&Type]) -> Rule {
     scalar_f32(ins[3])?;
     scalar_i32(ins[4])?;
     Ok(ins[0].clone())
+}
+
+fn nf4_or_f32(w: &Type) -> Result<Type, String> {
+    match w.dtype {
+        DType::Nf4(_) | DType::F32 => Ok(w.with_dtype(DType::F32)),
+        _ => Err(format!("expected an f32 or NF4 weight, found {w}")),
+    }
+}
+
+pub fn qmatmul(x: &Type, q: &Type, tb: bool) -> Rule {
+    if !matches!(q.dtype, DType::Nf4(_)) {
+        return Err(format!("qmatmul takes an NF4 weight, found {q}"));
+    }
+    matmul(x, &q.with_dtype(DType::F32), false, tb)
+}
+
+pub fn lora_linear(ins: &[&Type], tb: bool) -> Rule {
+    let w = nf4_or_f32(ins[1])?;
+    let base = matmul(ins[0], &w, false, tb)?;
+    let low = matmul(ins[2], ins[3], false, tb)?;
+    if base != low {
+        return Err(format!("lora_linear: the base product {base} and the low-rank product {low} differ"));
+    }
+    Ok(base)
+}
+
+pub fn linear_cross_entropy(h: &Type, w: &Type, labels: &Type) -> Rule {
+    let logits = matmul(h, &nf4_or_f32(w)?, false, true)?;
+    cross_entropy(&logits, labels)
 }

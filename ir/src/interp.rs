@@ -453,6 +453,30 @@ fn eval(op: &Op, ins: &[&Value], ty: &Type, env: &Env, precision: Precision) -> 
             Value::Q(q) => Value::F(Tensor::from_f32(q.shape.clone(), &nf4::dequantize(q))),
             _ => return Err("expected an NF4 tensor".into()),
         },
+        // Fused ops: their decompositions, literally.
+        Op::QMatMul { tb } => {
+            let w = weight(ins[1])?;
+            matmul(f(ins[0])?, &w, false, *tb, &ty.shape)
+        }
+        Op::LoraLinear { s, tb } => {
+            let w = weight(ins[1])?;
+            let Value::F(base) = matmul(f(ins[0])?, &w, false, *tb, &ty.shape) else { unreachable!() };
+            let Value::F(low) = matmul(f(ins[2])?, f(ins[3])?, false, *tb, &ty.shape) else { unreachable!() };
+            Value::F(Tensor::new(ty.shape.clone(), base.data.iter().zip(&low.data).map(|(a, b)| a + s * b).collect()))
+        }
+        Op::LinearCrossEntropy { ignore_index, .. } => {
+            let (h, w) = (f(ins[0])?, weight(ins[1])?);
+            let logits = matmul(h, &w, false, true, &[h.shape[0], w.shape[0]]);
+            eval(&Op::CrossEntropy { ignore_index: *ignore_index }, &[&logits, ins[2]], ty, env, precision)?
+        }
+        Op::LinearCrossEntropyBwd { ignore_index, .. } => {
+            let (h, w) = (f(ins[1])?, weight(ins[2])?);
+            let shape = [h.shape[0], w.shape[0]];
+            let logits = matmul(h, &w, false, true, &shape);
+            let lt = Type::f32(shape.to_vec());
+            let dl = eval(&Op::CrossEntropyBwd { ignore_index: *ignore_index }, &[ins[0], &logits, ins[3]], &lt, env, precision)?;
+            matmul(f(&dl)?, &w, false, false, &ty.shape)
+        }
         Op::Dropout { p, seed } => {
             let (x, step) = (f(ins[0])?, scalar_int(ins[1])?);
             let keep_scale = 1.0 / (1.0 - p);
@@ -487,6 +511,15 @@ fn eval(op: &Op, ins: &[&Value], ty: &Type, env: &Env, precision: Precision) -> 
             Value::F(Tensor::new(p.shape.clone(), data))
         }
     })
+}
+
+/// An f32 weight as is, or an NF4 weight dequantized (exactly as `nf4_dequantize`).
+fn weight(v: &Value) -> Result<Tensor, String> {
+    match v {
+        Value::F(t) => Ok(t.clone()),
+        Value::Q(q) => Ok(Tensor::from_f32(q.shape.clone(), &nf4::dequantize(q))),
+        Value::I { .. } => Err("expected a weight".into()),
+    }
 }
 
 fn label(l: i32, ignore: i64, v: usize) -> Result<Option<usize>, String> {

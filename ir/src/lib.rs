@@ -16,6 +16,6 @@ pub mod verify;
 
 pub use attr::{AttnArg, Init, Role};
 pub use builder::Builder;
-pub use graph::{Graph, Node, Output, OutputKind, ValueId};
+pub use graph::{Graph, Kernel, Node, Output, OutputKind, ValueId};
 pub use ops::{Op, OpKind};
 pub use types::{DType, Nf4Format, Shape, Type};

@@ -240,6 +240,24 @@ op_table! {
     Nf4Dequantize "nf4_dequantize" arity(Arity::Fixed(1)) {}
         types |ins, decl| nf4_dequantize(ins[0]);
 
+    // ---- fused ops (formed by the optimizer; each is defined by its decomposition, which the interpreter runs) ---
+    /// matmul(x, nf4_dequantize(q), false, tb): the NF4 weight is dequantized inside the GEMM, never materialized.
+    /// x: [m,k], q: nf4 [n,k] (tb) or [k,n] → [m,n]
+    QMatMul "qmatmul" arity(Arity::Fixed(2)) { tb: bool }
+        types |ins, decl| qmatmul(ins[0], ins[1], *tb);
+    /// x·op(W) + s·u·op(B), op = transpose when `tb`: a GEMM with a rank-r epilogue (LoRA's B-projection folded
+    /// into its base matmul; also dX = dY·W + g·A in the backward). W is f32 or NF4 (dequantized inside).
+    /// x: [m,k], W: [n,k] (tb) or [k,n], u: [m,r], B: [n,r] (tb) or [r,n] → [m,n]
+    LoraLinear "lora_linear" arity(Arity::Fixed(4)) { s: f64, tb: bool }
+        types |ins, decl| lora_linear(ins, *tb);
+    /// cross_entropy(matmul(h, W, false, true), labels) computed over vocabulary chunks of `chunk` rows of W, so the
+    /// [N,V] logits are never materialized. h: [N,D], W: [V,D], labels: i32[N] → f32[]
+    LinearCrossEntropy "linear_cross_entropy" arity(Arity::Fixed(3)) { ignore_index: i64, chunk: usize }
+        types |ins, decl| linear_cross_entropy(ins[0], ins[1], ins[2]);
+    /// ∂/∂h of linear_cross_entropy: cross_entropy_bwd(dloss, h·Wᵀ, labels)·W, chunked. (dloss, h, W, labels) → [N,D]
+    LinearCrossEntropyBwd "linear_cross_entropy_bwd" arity(Arity::Fixed(4)) { ignore_index: i64, chunk: usize }
+        types |ins, decl| { scalar_f32(ins[0])?; linear_cross_entropy(ins[1], ins[2], ins[3])?; Ok(ins[1].clone()) };
+
     // ---- training -----------------------------------------------------------------------------------------------
     /// Inverted dropout with a counter-based mask: keep element i iff hash(seed, step, i) ≥ p, scale kept by 1/(1−p).
     /// The same op with the same seed and step is its own adjoint. (x, step: i32[])

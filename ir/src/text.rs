@@ -10,6 +10,7 @@
 //! ```
 //! Values are numbered in order; a node line is `%N = op(inputs) {attrs} : type`, optionally followed by `; label`.
 //! Outputs: `output loss = %N`, `output logits = %N`, `output grad "param" = %N`, `output update "param" = %N`.
+//! Kernel groups (after fusion): `kernel "name" = [%3, %4]`.
 
 use crate::attr::{write_str_lit, AttrLit};
 use crate::graph::{Graph, Node, Output, OutputKind, ValueId};
@@ -73,6 +74,18 @@ pub fn print(g: &Graph) -> String {
         }
         let _ = writeln!(out, " = {}", o.value);
     }
+    for k in &g.kernels {
+        out.push_str("  kernel ");
+        write_str_lit(&k.name, &mut out);
+        out.push_str(" = [");
+        for (i, v) in k.nodes.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            let _ = write!(out, "{v}");
+        }
+        out.push_str("]\n");
+    }
     out.push_str("}\n");
     out
 }
@@ -111,6 +124,25 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
             c.punct('}')?;
             c.end()?;
             closed = true;
+        } else if trimmed.starts_with("kernel") {
+            c.keyword("kernel")?;
+            let name = c.string()?;
+            c.punct('=')?;
+            c.punct('[')?;
+            let mut nodes = Vec::new();
+            if c.peek() != Some(']') {
+                loop {
+                    nodes.push(c.value_id()?);
+                    if c.peek() == Some(',') {
+                        c.punct(',')?;
+                    } else {
+                        break;
+                    }
+                }
+            }
+            c.punct(']')?;
+            c.end()?;
+            g.kernels.push(crate::graph::Kernel { name, nodes });
         } else if trimmed.starts_with("output") {
             c.keyword("output")?;
             let kind = match c.word()?.as_str() {

@@ -18,6 +18,8 @@ pub enum VerifyError {
     Duplicate { what: &'static str, name: String },
     #[error("output {kind:?} refers to {value}, which is not defined")]
     DanglingOutput { kind: OutputKind, value: ValueId },
+    #[error("kernel `{kernel}`: {problem}")]
+    BadKernel { kernel: String, problem: String },
     #[error("output {kind:?} names parameter `{name}`, which {problem}")]
     BadOutputParam { kind: OutputKind, name: String, problem: String },
 }
@@ -63,6 +65,19 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         }
         if let (OutputKind::Update(_), Op::Param { role: Role::Frozen, .. }) = (&o.kind, &g.node(p).op) {
             return Err(bad("is frozen and cannot be updated".into()));
+        }
+    }
+    let mut owner = vec![None; g.nodes.len()];
+    for k in &g.kernels {
+        let bad = |problem: String| VerifyError::BadKernel { kernel: k.name.clone(), problem };
+        if k.nodes.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(bad("nodes are not in increasing order".into()));
+        }
+        for v in &k.nodes {
+            let slot = owner.get_mut(v.index()).ok_or_else(|| bad(format!("{v} is not defined")))?;
+            if let Some(other) = slot.replace(k.name.as_str()) {
+                return Err(bad(format!("{v} is also in kernel `{other}`")));
+            }
         }
     }
     Ok(())

@@ -122,7 +122,15 @@ fn random_graph(seed: u64, rounds: usize) -> Graph {
         let fmt = Nf4Format { block: 64, double_quant: if r.below(2) == 0 { None } else { Some(256) } };
         let qw =
             b.param(&format!("nf4.{round}"), Type::new(DType::Nf4(fmt), vec![n, k]), Role::Frozen, Init::Load).unwrap();
-        b.op(Op::Nf4Dequantize {}, &[qw]).unwrap();
+        let dq = b.op(Op::Nf4Dequantize {}, &[qw]).unwrap();
+        b.op(Op::QMatMul { tb: true }, &[x, qw]).unwrap();
+        let ut = b.param(&format!("u{round}"), f32t(vec![m, 2]), Role::Trainable, Init::Load).unwrap();
+        let bt = b.param(&format!("b{round}"), f32t(vec![n, 2]), Role::Trainable, Init::Load).unwrap();
+        b.op(Op::LoraLinear { s: r.f64(), tb: true }, &[x, if r.below(2) == 0 { w } else { qw }, ut, bt]).unwrap();
+        let chunk = 1 + r.below(9) as usize;
+        let lce = b.op(Op::LinearCrossEntropy { ignore_index: -100, chunk }, &[x, w, ids]).unwrap();
+        b.op(Op::LinearCrossEntropyBwd { ignore_index: -100, chunk }, &[lce, x, dq, ids]).unwrap();
+        used.extend([OpKind::QMatMul, OpKind::LoraLinear, OpKind::LinearCrossEntropy, OpKind::LinearCrossEntropyBwd]);
         for kind in [OpKind::Rope, OpKind::Attention, OpKind::AttentionBwd, OpKind::Dropout, OpKind::CrossEntropy] {
             used.insert(kind);
         }
@@ -134,6 +142,11 @@ fn random_graph(seed: u64, rounds: usize) -> Graph {
             b.output(OutputKind::Logits, y);
             b.output(OutputKind::Metric(r.text()), loss);
         }
+    }
+    if rounds > 1 {
+        let n = b.graph.nodes.len() as u32;
+        b.graph.kernels.push(ir::Kernel { name: r.text(), nodes: vec![ir::ValueId(n / 2), ir::ValueId(n / 2 + 1)] });
+        b.graph.kernels.push(ir::Kernel { name: "k1".into(), nodes: vec![ir::ValueId(n - 1)] });
     }
     let missing: Vec<_> = OpKind::ALL.iter().filter(|k| !used.contains(k)).collect();
     assert!(missing.is_empty(), "the generator does not cover {missing:?}");

@@ -292,6 +292,10 @@ pub fn vjp(b: &mut Builder, y: ValueId, dy: ValueId, needs: &[bool]) -> Result<V
         Op::Dropout { p, seed } => vec![Some(e(b.dropout(dy, x[1], *p, *seed))?), None],
         Op::Minimum {}
         | Op::Maximum {}
+        | Op::QMatMul { .. }
+        | Op::LoraLinear { .. }
+        | Op::LinearCrossEntropy { .. }
+        | Op::LinearCrossEntropyBwd { .. }
         | Op::SiluBwd {}
         | Op::EmbeddingBwd { .. }
         | Op::RmsNormBwdX { .. }
