@@ -2,12 +2,18 @@
 
 pub mod adamw;
 pub mod autodiff;
+pub mod cost;
 pub mod dce;
 pub mod drop_logits;
 pub mod frozen_grads;
+pub mod fuse;
 pub mod gradcheck;
 pub mod manager;
+pub mod memory;
 pub mod pipeline;
+pub mod recompute;
+pub mod schedule;
+pub mod target;
 
 pub use manager::{Pass, PassError, PassManager, PassReport};
 pub use pipeline::{training_pipeline, PipelineOptions};
