@@ -10,7 +10,8 @@ use std::fmt::Write;
 #[derive(Clone, Debug, PartialEq)]
 pub enum AttrLit {
     Bool(bool),
-    Int(i64),
+    /// Integers of any attribute type (u64 seeds and i64 indices both fit).
+    Int(i128),
     Float(f64),
     Str(String),
     /// A bare word, possibly with arguments: `frozen`, `normal(0.02)`, `f32`, `nf4<64,256>`.
@@ -42,7 +43,7 @@ impl Attr for usize {
     }
     fn from_lit(lit: &AttrLit) -> Result<Self, String> {
         match lit {
-            AttrLit::Int(i) if *i >= 0 => Ok(*i as usize),
+            AttrLit::Int(i) if *i >= 0 && *i <= usize::MAX as i128 => Ok(*i as usize),
             other => Err(format!("expected a non-negative integer, found {other:?}")),
         }
     }
@@ -54,8 +55,8 @@ impl Attr for i64 {
     }
     fn from_lit(lit: &AttrLit) -> Result<Self, String> {
         match lit {
-            AttrLit::Int(i) => Ok(*i),
-            other => Err(format!("expected an integer, found {other:?}")),
+            AttrLit::Int(i) if *i >= i64::MIN as i128 && *i <= i64::MAX as i128 => Ok(*i as i64),
+            other => Err(format!("expected a 64-bit integer, found {other:?}")),
         }
     }
 }
@@ -66,7 +67,7 @@ impl Attr for u64 {
     }
     fn from_lit(lit: &AttrLit) -> Result<Self, String> {
         match lit {
-            AttrLit::Int(i) if *i >= 0 => Ok(*i as u64),
+            AttrLit::Int(i) if *i >= 0 && *i <= u64::MAX as i128 => Ok(*i as u64),
             other => Err(format!("expected a non-negative integer, found {other:?}")),
         }
     }

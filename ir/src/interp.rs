@@ -474,7 +474,13 @@ fn eval(op: &Op, ins: &[&Value], ty: &Type, env: &Env, precision: Precision) -> 
             let shape = [h.shape[0], w.shape[0]];
             let logits = matmul(h, &w, false, true, &shape);
             let lt = Type::f32(shape.to_vec());
-            let dl = eval(&Op::CrossEntropyBwd { ignore_index: *ignore_index }, &[ins[0], &logits, ins[3]], &lt, env, precision)?;
+            let dl = eval(
+                &Op::CrossEntropyBwd { ignore_index: *ignore_index },
+                &[ins[0], &logits, ins[3]],
+                &lt,
+                env,
+                precision,
+            )?;
             matmul(f(&dl)?, &w, false, false, &ty.shape)
         }
         Op::Dropout { p, seed } => {

@@ -248,7 +248,7 @@ fn unescape_label(s: &str) -> String {
 /// `f32`, `nf4<64,256>`, ... from a word and its `<..>` arguments.
 pub(crate) fn dtype_from_word(w: &str, args: &[AttrLit]) -> Result<DType, String> {
     let int = |a: &AttrLit| match a {
-        AttrLit::Int(i) if *i > 0 => Ok(*i as u32),
+        AttrLit::Int(i) if *i > 0 && *i <= u32::MAX as i128 => Ok(*i as u32),
         other => Err(format!("expected a positive integer in nf4<..>, found {other:?}")),
     };
     match (w, args.len()) {
@@ -357,7 +357,7 @@ impl Cursor<'_> {
         }
         let t = &rest[..n];
         self.pos += n;
-        if let Ok(i) = t.parse::<i64>() {
+        if let Ok(i) = t.parse::<i128>() {
             return Ok(AttrLit::Int(i));
         }
         t.parse::<f64>().map(AttrLit::Float).map_err(|_| self.err(&format!("bad number `{t}`")))

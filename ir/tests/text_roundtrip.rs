@@ -111,7 +111,7 @@ fn random_graph(seed: u64, rounds: usize) -> Graph {
         let a = b.op(Op::Attention { causal, scale }, &[o, kk, kk, pos]).unwrap();
         let wrt = [AttnArg::Q, AttnArg::K, AttnArg::V][r.below(3) as usize];
         b.op(Op::AttentionBwd { causal, scale, wrt }, &[a, q, kk, kk, pos]).unwrap();
-        b.op(Op::Dropout { p: r.f64(), seed: r.next() >> 1 }, &[x, step]).unwrap();
+        b.op(Op::Dropout { p: r.f64(), seed: r.next() }, &[x, step]).unwrap();
         let loss = b.op(Op::CrossEntropy { ignore_index: -100 }, &[y, ids]).unwrap();
         b.op(Op::CrossEntropyBwd { ignore_index: -100 }, &[loss, y, ids]).unwrap();
         b.op(

@@ -5,20 +5,26 @@
 //! the values that cross the kernel's boundary.
 
 use crate::target::Target;
-use ir::{Graph, Op, ValueId};
+use ir::{Graph, Op, Type, ValueId};
 
 /// FLOPs of one node (multiply-add = 2).
 pub fn flops(g: &Graph, v: ValueId) -> f64 {
     let n = g.node(v);
-    let out = n.ty.numel() as f64;
-    let ty = |i: usize| g.ty(n.inputs[i]);
+    let ins: Vec<&Type> = n.inputs.iter().map(|&i| g.ty(i)).collect();
+    op_flops(&n.op, &ins, &n.ty)
+}
+
+/// FLOPs of an op with these input and output types.
+pub fn op_flops(op: &Op, ins: &[&Type], out_ty: &Type) -> f64 {
+    let out = out_ty.numel() as f64;
+    let ty = |i: usize| ins[i];
     let mm = |a: &ir::Type, ta: bool| -> f64 {
         // 2·m·n·k: k is a's contracted axis.
         let r = a.rank();
         let k = if ta { a.shape[r - 2] } else { a.shape[r - 1] };
         2.0 * out * k as f64
     };
-    match &n.op {
+    match op {
         Op::Param { .. } | Op::Input { .. } | Op::Const { .. } => 0.0,
         Op::Reshape { .. } | Op::Transpose { .. } | Op::Concat { .. } | Op::Slice { .. } => 0.0,
         Op::BroadcastTo { .. } | Op::Cast { .. } | Op::StopGradient {} => 0.0,
@@ -36,11 +42,11 @@ pub fn flops(g: &Graph, v: ValueId) -> f64 {
             4.0 * nt * d * vocab + 6.0 * nt * vocab
         }
         Op::Attention { causal, .. } | Op::AttentionBwd { causal, .. } => {
-            let q = if matches!(n.op, Op::Attention { .. }) { ty(0) } else { ty(1) };
+            let q = if matches!(op, Op::Attention { .. }) { ty(0) } else { ty(1) };
             let (b, t, h, hd) = (q.shape[0] as f64, q.shape[1] as f64, q.shape[2] as f64, q.shape[3] as f64);
             let full = 4.0 * b * h * t * t * hd; // QKᵀ and PV
             let fwd = if *causal { full / 2.0 } else { full };
-            if matches!(n.op, Op::Attention { .. }) {
+            if matches!(op, Op::Attention { .. }) {
                 fwd
             } else {
                 // each of dq, dk, dv recomputes P and does ~1 extra product
@@ -83,6 +89,17 @@ pub fn is_matmul_like(op: &Op) -> bool {
 /// Whether the op moves no data when it runs (a view of its input).
 pub fn is_view(op: &Op) -> bool {
     matches!(op, Op::Reshape { .. } | Op::StopGradient {})
+}
+
+/// Roofline time of an op as its own kernel, from its types (views and leaves are free; a slice is a strided view
+/// its consumer reads).
+pub fn op_time(op: &Op, ins: &[&Type], out: &Type, t: &Target) -> f64 {
+    if op.is_leaf() || is_view(op) || matches!(op, Op::Slice { .. }) {
+        return 0.0;
+    }
+    let by = ins.iter().map(|i| i.bytes()).sum::<usize>() + out.bytes();
+    let peak = if is_matmul_like(op) { t.peak_flops } else { t.vector_flops };
+    (op_flops(op, ins, out) / peak).max(by as f64 / t.bandwidth) + t.launch_overhead
 }
 
 /// Bytes one node moves as its own kernel: inputs read once, output written once (views and leaves move nothing).

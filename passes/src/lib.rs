@@ -3,8 +3,10 @@
 pub mod adamw;
 pub mod autodiff;
 pub mod cost;
+pub mod cse;
 pub mod dce;
 pub mod drop_logits;
+pub mod eqsat;
 pub mod frozen_grads;
 pub mod fuse;
 pub mod gradcheck;

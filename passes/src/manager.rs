@@ -19,6 +19,10 @@ pub trait Pass {
     fn name(&self) -> &'static str;
     /// Rewrites the graph; returns a one-line summary of what changed (for reports).
     fn run(&self, g: &mut Graph) -> Result<String, String>;
+    /// Named numbers from the last run, for machine-readable reports (`--report-json`).
+    fn metrics(&self) -> Vec<(String, String)> {
+        vec![]
+    }
 }
 
 /// What one pass did.
@@ -29,6 +33,7 @@ pub struct PassReport {
     pub nodes_after: usize,
     pub seconds: f64,
     pub summary: String,
+    pub metrics: Vec<(String, String)>,
 }
 
 /// Runs passes in order; verifies after each; keeps dumps on request.
@@ -81,6 +86,7 @@ impl PassManager {
                 nodes_after: g.nodes.len(),
                 seconds,
                 summary,
+                metrics: p.metrics(),
             });
             self.maybe_dump(p.name(), g);
         }

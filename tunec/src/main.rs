@@ -33,6 +33,9 @@ enum Command {
         /// Write the IR after every pass into this directory (NN-<pass>.tir).
         #[arg(long = "dump-all", value_name = "DIR")]
         dump_all: Option<PathBuf>,
+        /// The machine the cost model optimizes for: h100 or cpu.
+        #[arg(long, default_value = "h100")]
+        target: String,
     },
     /// Check the native toolchain: LLVM (NVPTX + host), ptxas, MLIR, and whether a CUDA driver is present.
     Doctor,
@@ -51,7 +54,9 @@ enum Emit {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Compile { recipe, emit, dump_after, dump_all } => compile(&recipe, emit, &dump_after, dump_all),
+        Command::Compile { recipe, emit, dump_after, dump_all, target } => {
+            compile(&recipe, emit, &dump_after, dump_all, &target)
+        }
         Command::Doctor => doctor(),
     };
     match result {
@@ -63,7 +68,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn compile(path: &std::path::Path, emit: Emit, dump_after: &[String], dump_all: Option<PathBuf>) -> Result<(), String> {
+fn compile(
+    path: &std::path::Path,
+    emit: Emit,
+    dump_after: &[String],
+    dump_all: Option<PathBuf>,
+    target: &str,
+) -> Result<(), String> {
     let t0 = Instant::now();
     let recipe = frontend::compile_file(path, models::library()).map_err(|d| d.render())?;
     let t_front = t0.elapsed();
@@ -76,6 +87,9 @@ fn compile(path: &std::path::Path, emit: Emit, dump_after: &[String], dump_all: 
             weight_decay: recipe.train.weight_decay,
             max_grad_norm: recipe.train.max_grad_norm,
         },
+        target: passes::target::Target::by_name(target)
+            .ok_or_else(|| format!("error: unknown --target {target} (h100, cpu)"))?,
+        unoptimized: false,
     };
     let mut pm = PassManager::new(training_pipeline(&opts));
     let known: Vec<&str> = std::iter::once("input").chain(pm.names()).collect();
