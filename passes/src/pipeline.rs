@@ -7,6 +7,8 @@ use crate::dce::Dce;
 use crate::drop_logits::DropLogits;
 use crate::eqsat::Eqsat;
 use crate::frozen_grads::EliminateFrozenGrads;
+use crate::fuse::Fuse;
+use crate::schedule::Schedule;
 use crate::target::Target;
 use crate::Pass;
 
@@ -53,6 +55,11 @@ pub fn training_pipeline(opts: &PipelineOptions) -> Vec<Box<dyn Pass>> {
         Box::new(Eqsat::new(opts.target.clone())),
         // 7. What extraction made dead (the dequantized weights, the logits) goes.
         Box::new(Dce),
+        // 8. Kernel groups: elementwise and reduction ops join the GEMM/attention/norm kernel that produces or
+        //    consumes their values (epilogues, prologues); after eqsat so the fused ops are the anchors.
+        Box::new(Fuse),
+        // 9. A topological order of kernels that frees memory early; memory planning reads this order.
+        Box::new(Schedule),
     ]);
     passes
 }

@@ -110,8 +110,7 @@ pub fn choose(eg: &TEGraph, target: &Target, roots: &[Id], original: &HashMap<Id
     let mut order: Vec<Id> = own.keys().copied().collect();
     order.sort();
     let mut candidates: Vec<HashMap<Id, TNode>> = vec![];
-    let starts: [&dyn Fn(Id) -> f64; 2] =
-        [&|_| 1.0, &|id| potential.get(&id).map_or(1, |p| p.len().max(1)) as f64];
+    let starts: [&dyn Fn(Id) -> f64; 2] = [&|_| 1.0, &|id| potential.get(&id).map_or(1, |p| p.len().max(1)) as f64];
     for start in starts {
         let mut best = select(eg, &own, &order, start);
         for _ in 0..6 {
@@ -192,9 +191,19 @@ pub fn emit_order(eg: &TEGraph, choice: &Choice, roots: &[Id], key: &HashMap<Id,
 }
 
 /// Total order on f64 keys (no NaNs occur).
-#[derive(Clone, Copy, PartialEq, PartialOrd)]
+#[derive(Clone, Copy)]
 struct OrdF64(f64);
+impl PartialEq for OrdF64 {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.total_cmp(&o.0).is_eq()
+    }
+}
 impl Eq for OrdF64 {}
+impl PartialOrd for OrdF64 {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
 impl Ord for OrdF64 {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&o.0)

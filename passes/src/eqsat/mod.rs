@@ -440,10 +440,8 @@ pub fn optimize(g: &Graph, target: &Target, limits: &Limits, stats: &mut EqsatSt
     let mut indeg: Vec<usize> = deps.iter().map(|d| d.len()).collect();
     let mut ready: BTreeMap<(u64, usize), ()> = BTreeMap::new();
     let key_of = |i: usize| pending[i].key.to_bits();
-    for i in 0..np {
-        if indeg[i] == 0 {
-            ready.insert((key_of(i), i), ());
-        }
+    for (i, _) in indeg.iter().enumerate().filter(|(_, &d)| d == 0) {
+        ready.insert((key_of(i), i), ());
     }
     let mut new_id: Vec<Option<ValueId>> = vec![None; np];
     while let Some(((_, i), ())) = ready.pop_first() {
