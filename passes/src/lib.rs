@@ -14,6 +14,7 @@ pub mod manager;
 pub mod memory;
 pub mod pipeline;
 pub mod recompute;
+pub mod report;
 pub mod schedule;
 pub mod target;
 

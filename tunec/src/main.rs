@@ -36,6 +36,12 @@ enum Command {
         /// The machine the cost model optimizes for: h100 or cpu.
         #[arg(long, default_value = "h100")]
         target: String,
+        /// Print a table of what a step costs, unoptimized vs optimized (stderr).
+        #[arg(long)]
+        report: bool,
+        /// Write the report as JSON to this file.
+        #[arg(long = "report-json", value_name = "FILE")]
+        report_json: Option<PathBuf>,
     },
     /// Check the native toolchain: LLVM (NVPTX + host), ptxas, MLIR, and whether a CUDA driver is present.
     Doctor,
@@ -54,8 +60,8 @@ enum Emit {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Compile { recipe, emit, dump_after, dump_all, target } => {
-            compile(&recipe, emit, &dump_after, dump_all, &target)
+        Command::Compile { recipe, emit, dump_after, dump_all, target, report, report_json } => {
+            compile(&recipe, emit, &dump_after, dump_all, &target, report, report_json)
         }
         Command::Doctor => doctor(),
     };
@@ -74,6 +80,8 @@ fn compile(
     dump_after: &[String],
     dump_all: Option<PathBuf>,
     target: &str,
+    report: bool,
+    report_json: Option<PathBuf>,
 ) -> Result<(), String> {
     let t0 = Instant::now();
     let recipe = frontend::compile_file(path, models::library()).map_err(|d| d.render())?;
@@ -104,6 +112,9 @@ fn compile(
     }
     pm.run(&mut graph).map_err(|e| format!("error: {e}"))?;
     let total = t0.elapsed();
+    if report || report_json.is_some() {
+        write_report(&recipe.forward, &graph, &pm, &opts, total.as_secs_f64(), report, report_json.as_deref())?;
+    }
     if let Some(dir) = dump_all {
         std::fs::create_dir_all(&dir).map_err(|e| format!("error: {}: {e}", dir.display()))?;
         for (i, (pass, text)) in pm.dumps.iter().enumerate() {
@@ -142,6 +153,56 @@ fn compile(
             r.seconds * 1e3,
             r.summary
         );
+    }
+    Ok(())
+}
+
+/// The unoptimized step (naive autodiff w.r.t. every parameter + AdamW, nothing else) next to the optimized one.
+fn write_report(
+    forward: &ir::Graph,
+    optimized: &ir::Graph,
+    pm: &PassManager,
+    opts: &PipelineOptions,
+    compile_seconds: f64,
+    print: bool,
+    json_path: Option<&std::path::Path>,
+) -> Result<(), String> {
+    use passes::report::{step_metrics, table};
+    let mut naive = forward.clone();
+    let naive_passes: Vec<Box<dyn passes::Pass>> = vec![
+        Box::new(passes::autodiff::Autodiff { wrt: passes::autodiff::Wrt::AllParams }),
+        Box::new(opts.adamw.clone()),
+        Box::new(passes::drop_logits::DropLogits),
+        Box::new(passes::dce::Dce),
+    ];
+    PassManager::new(naive_passes).run(&mut naive).map_err(|e| format!("error: {e}"))?;
+    let before = step_metrics(&naive, &opts.target);
+    let after = step_metrics(optimized, &opts.target);
+    if print {
+        eprint!("{}", table(&before, &after, &opts.target));
+    }
+    if let Some(path) = json_path {
+        let eqsat: serde_json::Map<String, serde_json::Value> = pm
+            .reports
+            .iter()
+            .filter(|r| r.pass == "eqsat")
+            .flat_map(|r| r.metrics.iter())
+            .map(|(k, v)| (k.clone(), v.parse::<f64>().map(serde_json::Value::from).unwrap_or(v.clone().into())))
+            .collect();
+        let mut j = after.to_json();
+        let obj = j.as_object_mut().expect("object");
+        obj.insert("eqsat".into(), eqsat.into());
+        obj.insert("compile_seconds".into(), compile_seconds.into());
+        obj.insert("target".into(), opts.target.name.into());
+        obj.insert("unoptimized".into(), before.to_json());
+        let passes: Vec<serde_json::Value> = pm
+            .reports
+            .iter()
+            .map(|r| serde_json::json!({"pass": r.pass, "nodes_before": r.nodes_before, "nodes_after": r.nodes_after, "seconds": r.seconds, "summary": r.summary}))
+            .collect();
+        obj.insert("passes".into(), passes.into());
+        let text = serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("error: {}: {e}", path.display()))?;
     }
     Ok(())
 }
