@@ -48,6 +48,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
             _ => {}
         }
     }
+    let by_name: std::collections::HashMap<&str, ValueId> = g.params().into_iter().map(|(v, n, _)| (n, v)).collect();
     let mut seen_outputs = HashSet::new();
     for o in &g.outputs {
         if o.value.index() >= g.nodes.len() {
@@ -58,7 +59,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         }
         let (OutputKind::Grad(name) | OutputKind::Update(name)) = &o.kind else { continue };
         let bad = |problem: String| VerifyError::BadOutputParam { kind: o.kind.clone(), name: name.clone(), problem };
-        let Some(p) = g.param(name) else { return Err(bad("does not exist".into())) };
+        let Some(&p) = by_name.get(name.as_str()) else { return Err(bad("does not exist".into())) };
         let (pt, ot) = (g.ty(p), g.ty(o.value));
         if pt != ot {
             return Err(bad(format!("has type {pt}, but the output has type {ot}")));

@@ -39,12 +39,14 @@ impl Pass for AdamW {
 
 impl AdamW {
     fn append(&self, g: &mut Graph) -> Result<String, BuildError> {
+        let by_name: std::collections::HashMap<&str, ir::ValueId> =
+            g.params().into_iter().map(|(v, n, _)| (n, v)).collect();
         let trainable: Vec<(String, ir::ValueId, ir::ValueId)> = g
             .outputs
             .iter()
             .filter_map(|o| match &o.kind {
                 OutputKind::Grad(name) => {
-                    let p = g.param(name)?;
+                    let p = *by_name.get(name.as_str())?;
                     matches!(g.node(p).op, Op::Param { role: Role::Trainable, .. }).then(|| (name.clone(), p, o.value))
                 }
                 _ => None,

@@ -168,12 +168,16 @@ impl Groups<'_> {
     }
 
     /// Whether a path from group `from` to group `to` passes through some third group.
+    ///
+    /// Node indices increase along every edge, so a path into `to` only uses reader nodes below `to`'s last
+    /// member: the search never looks past that window (which keeps fusion linear in practice).
     fn reaches_through_other(&mut self, from: usize, to: usize) -> bool {
+        let Some(&limit) = self.members[to].iter().max() else { return false };
         self.epoch += 1;
         let epoch = self.epoch;
         let mut stack = vec![];
         for &m in &self.members[from] {
-            for &r in &self.readers[m] {
+            for &r in self.readers[m].iter().filter(|&&r| r <= limit) {
                 let gr = self.gid[r];
                 if gr != from && gr != to && self.mark[gr] != epoch {
                     self.mark[gr] = epoch;
@@ -183,7 +187,7 @@ impl Groups<'_> {
         }
         while let Some(x) = stack.pop() {
             for &m in &self.members[x] {
-                for &r in &self.readers[m] {
+                for &r in self.readers[m].iter().filter(|&&r| r <= limit) {
                     let gr = self.gid[r];
                     if gr == to {
                         return true;

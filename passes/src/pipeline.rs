@@ -8,6 +8,7 @@ use crate::drop_logits::DropLogits;
 use crate::eqsat::Eqsat;
 use crate::frozen_grads::EliminateFrozenGrads;
 use crate::fuse::Fuse;
+use crate::recompute::{RecomputeFor, RecomputePolicy};
 use crate::schedule::Schedule;
 use crate::target::Target;
 use crate::Pass;
@@ -20,11 +21,13 @@ pub struct PipelineOptions {
     pub target: Target,
     /// Stop after the training step is formed (no rewrites): the reference the optimized step is checked against.
     pub unoptimized: bool,
+    /// Activation recompute: `None` chooses against the target's memory.
+    pub recompute: Option<RecomputePolicy>,
 }
 
 impl Default for PipelineOptions {
     fn default() -> Self {
-        PipelineOptions { adamw: AdamW::default(), target: Target::h100(), unoptimized: false }
+        PipelineOptions { adamw: AdamW::default(), target: Target::h100(), unoptimized: false, recompute: None }
     }
 }
 
@@ -55,10 +58,13 @@ pub fn training_pipeline(opts: &PipelineOptions) -> Vec<Box<dyn Pass>> {
         Box::new(Eqsat::new(opts.target.clone())),
         // 7. What extraction made dead (the dequantized weights, the logits) goes.
         Box::new(Dce),
-        // 8. Kernel groups: elementwise and reduction ops join the GEMM/attention/norm kernel that produces or
+        // 8. Activation recompute (off / per block), chosen against the memory budget. After CSE and eqsat, which
+        //    would merge the recomputed copies back into the originals; before fusion, which groups them.
+        Box::new(RecomputeFor { policy: opts.recompute, budget_bytes: opts.target.memory_bytes }),
+        // 9. Kernel groups: elementwise and reduction ops join the GEMM/attention/norm kernel that produces or
         //    consumes their values (epilogues, prologues); after eqsat so the fused ops are the anchors.
         Box::new(Fuse),
-        // 9. A topological order of kernels that frees memory early; memory planning reads this order.
+        // 10. A topological order of kernels that frees memory early; memory planning reads this order.
         Box::new(Schedule),
     ]);
     passes

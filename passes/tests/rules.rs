@@ -152,14 +152,27 @@ fn snapshots_before_and_after_each_rule() {
     let cases: Vec<(&str, Graph, Vec<OpKind>, Vec<OpKind>)> = vec![
         ("fuse-dequant-matmul", dequant_matmul(8, 64, 32), vec![OpKind::QMatMul], vec![OpKind::Nf4Dequantize]),
         ("fold-lora-branch", lora_branch(8, 64, 32, 4, 2.0, false), vec![OpKind::LoraLinear], vec![OpKind::Add]),
-        ("fold-lora-branch-nf4", lora_branch(8, 64, 32, 4, 4.0, true), vec![OpKind::LoraLinear], vec![OpKind::Nf4Dequantize]),
+        (
+            "fold-lora-branch-nf4",
+            lora_branch(8, 64, 32, 4, 4.0, true),
+            vec![OpKind::LoraLinear],
+            vec![OpKind::Nf4Dequantize],
+        ),
         ("reassociate-gemm-sum", dx_sum(8, 64, 32, 4), vec![OpKind::LoraLinear], vec![]),
         ("merge-sibling-lora-a", sibling_a(16, 64, &[4, 4, 4]), vec![OpKind::Concat, OpKind::Slice], vec![]),
-        ("fuse-linear-cross-entropy", linear_ce(8, 16, 64), vec![OpKind::LinearCrossEntropy, OpKind::LinearCrossEntropyBwd], vec![OpKind::CrossEntropy, OpKind::MatMul]),
+        (
+            "fuse-linear-cross-entropy",
+            linear_ce(8, 16, 64),
+            vec![OpKind::LinearCrossEntropy, OpKind::LinearCrossEntropyBwd],
+            vec![OpKind::CrossEntropy, OpKind::MatMul],
+        ),
     ];
     for (name, g, expect, gone) in cases {
         let opt = check(&g, 1, &expect, &gone);
-        insta::assert_snapshot!(name, format!("{}\n// ---- after eqsat ----\n{}", ir::text::print(&g), ir::text::print(&opt)));
+        insta::assert_snapshot!(
+            name,
+            format!("{}\n// ---- after eqsat ----\n{}", ir::text::print(&g), ir::text::print(&opt))
+        );
     }
 }
 

@@ -1,6 +1,6 @@
 //! The `tunec` command line: compile recipes to IR (and, as the later stages land, to plans), check the toolchain.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use passes::{training_pipeline, PassManager, PipelineOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,31 +20,37 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Compile a recipe (a Rust-syntax DSL file) into the IR of its whole training step.
-    Compile {
-        /// The recipe, e.g. examples/llama2-7b.qlora.rs
-        recipe: PathBuf,
-        /// What to print on stdout.
-        #[arg(long, value_enum, default_value_t = Emit::Ir)]
-        emit: Emit,
-        /// Print the IR after this pass too (repeatable; `input` is the forward graph). Passes: autodiff,
-        /// eliminate-frozen-grads, adamw, drop-logits, dce.
-        #[arg(long = "dump-after", value_name = "PASS")]
-        dump_after: Vec<String>,
-        /// Write the IR after every pass into this directory (NN-<pass>.tir).
-        #[arg(long = "dump-all", value_name = "DIR")]
-        dump_all: Option<PathBuf>,
-        /// The machine the cost model optimizes for: h100 or cpu.
-        #[arg(long, default_value = "h100")]
-        target: String,
-        /// Print a table of what a step costs, unoptimized vs optimized (stderr).
-        #[arg(long)]
-        report: bool,
-        /// Write the report as JSON to this file.
-        #[arg(long = "report-json", value_name = "FILE")]
-        report_json: Option<PathBuf>,
-    },
+    Compile(CompileArgs),
     /// Check the native toolchain: LLVM (NVPTX + host), ptxas, MLIR, and whether a CUDA driver is present.
     Doctor,
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    /// The recipe, e.g. examples/llama2-7b.qlora.rs
+    recipe: PathBuf,
+    /// What to print on stdout.
+    #[arg(long, value_enum, default_value_t = Emit::Ir)]
+    emit: Emit,
+    /// Print the IR after this pass too (repeatable; `input` is the forward graph). Passes: autodiff,
+    /// eliminate-frozen-grads, adamw, drop-logits, cse, eqsat, dce, recompute, fuse, schedule.
+    #[arg(long = "dump-after", value_name = "PASS")]
+    dump_after: Vec<String>,
+    /// Write the IR after every pass into this directory (NN-<pass>.tir).
+    #[arg(long = "dump-all", value_name = "DIR")]
+    dump_all: Option<PathBuf>,
+    /// The machine the cost model optimizes for: h100 or cpu.
+    #[arg(long, default_value = "h100")]
+    target: String,
+    /// Activation recompute: auto (chosen against the target's memory), off, or per-block.
+    #[arg(long, default_value = "auto")]
+    recompute: String,
+    /// Print a table of what a step costs, unoptimized vs optimized (stderr).
+    #[arg(long)]
+    report: bool,
+    /// Write the report as JSON to this file.
+    #[arg(long = "report-json", value_name = "FILE")]
+    report_json: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -60,9 +66,7 @@ enum Emit {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Compile { recipe, emit, dump_after, dump_all, target, report, report_json } => {
-            compile(&recipe, emit, &dump_after, dump_all, &target, report, report_json)
-        }
+        Command::Compile(args) => compile(&args),
         Command::Doctor => doctor(),
     };
     match result {
@@ -74,15 +78,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn compile(
-    path: &std::path::Path,
-    emit: Emit,
-    dump_after: &[String],
-    dump_all: Option<PathBuf>,
-    target: &str,
-    report: bool,
-    report_json: Option<PathBuf>,
-) -> Result<(), String> {
+fn compile(args: &CompileArgs) -> Result<(), String> {
+    use passes::recompute::RecomputePolicy;
+    let CompileArgs { recipe: path, emit, dump_after, dump_all, target, recompute, report, report_json } = args;
+    let (emit, report) = (*emit, *report);
+    let recompute = match recompute.as_str() {
+        "auto" => None,
+        "off" => Some(RecomputePolicy::Off),
+        "per-block" => Some(RecomputePolicy::PerBlock),
+        other => return Err(format!("error: unknown --recompute {other} (auto, off, per-block)")),
+    };
     let t0 = Instant::now();
     let recipe = frontend::compile_file(path, models::library()).map_err(|d| d.render())?;
     let t_front = t0.elapsed();
@@ -98,6 +103,7 @@ fn compile(
         target: passes::target::Target::by_name(target)
             .ok_or_else(|| format!("error: unknown --target {target} (h100, cpu)"))?,
         unoptimized: false,
+        recompute,
     };
     let mut pm = PassManager::new(training_pipeline(&opts));
     let known: Vec<&str> = std::iter::once("input").chain(pm.names()).collect();
@@ -116,7 +122,7 @@ fn compile(
         write_report(&recipe.forward, &graph, &pm, &opts, total.as_secs_f64(), report, report_json.as_deref())?;
     }
     if let Some(dir) = dump_all {
-        std::fs::create_dir_all(&dir).map_err(|e| format!("error: {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("error: {}: {e}", dir.display()))?;
         for (i, (pass, text)) in pm.dumps.iter().enumerate() {
             let file = dir.join(format!("{i:02}-{pass}.tir"));
             std::fs::write(&file, text).map_err(|e| format!("error: {}: {e}", file.display()))?;
@@ -187,7 +193,13 @@ fn write_report(
             .iter()
             .filter(|r| r.pass == "eqsat")
             .flat_map(|r| r.metrics.iter())
-            .map(|(k, v)| (k.clone(), v.parse::<f64>().map(serde_json::Value::from).unwrap_or(v.clone().into())))
+            .map(|(k, v)| {
+                let num = v
+                    .parse::<u64>()
+                    .map(serde_json::Value::from)
+                    .or_else(|_| v.parse::<f64>().map(serde_json::Value::from));
+                (k.clone(), num.unwrap_or_else(|_| v.clone().into()))
+            })
             .collect();
         let mut j = after.to_json();
         let obj = j.as_object_mut().expect("object");

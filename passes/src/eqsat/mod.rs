@@ -325,6 +325,7 @@ fn cut_regions(g: &Graph) -> Vec<Region> {
 pub fn optimize(g: &Graph, target: &Target, limits: &Limits, stats: &mut EqsatStats) -> Result<Graph, String> {
     let regions = cut_regions(g);
     stats.regions = regions.len();
+    let param_ids: HashMap<&str, ValueId> = g.params().into_iter().map(|(v, n, _)| (n, v)).collect();
     let mut cache: HashMap<String, Graph> = HashMap::new();
     // Rewritten regions, instantiated: nodes whose inputs are either original leaves/exports or local indices.
     enum Src {
@@ -368,7 +369,8 @@ pub fn optimize(g: &Graph, target: &Target, limits: &Limits, stats: &mut EqsatSt
                 }
                 Op::Param { name, .. } => {
                     let real = r.layer.map_or(name.clone(), |l| denormalize(name, l));
-                    let p = g.param(&real).ok_or_else(|| format!("region parameter {real} not found"))?;
+                    let p =
+                        *param_ids.get(real.as_str()).ok_or_else(|| format!("region parameter {real} not found"))?;
                     src_of.insert(v, Src::Orig(p));
                 }
                 _ => {
