@@ -139,6 +139,9 @@ pub fn choose(eg: &TEGraph, target: &Target, roots: &[Id], original: &HashMap<Id
 pub struct Emitted {
     pub class: Id,
     pub node: TNode,
+    /// Where the node belongs in the original program: the original position of its class, or (for a class the
+    /// rules created) just before its first user.
+    pub key: f64,
 }
 
 /// The chosen nodes needed by `roots`, children before parents; among ready nodes the one with the smallest
@@ -177,7 +180,7 @@ pub fn emit_order(eg: &TEGraph, choice: &Choice, roots: &[Id], key: &HashMap<Id,
     }
     let mut out = vec![];
     while let Some(((_, id), ())) = ready.pop_first() {
-        out.push(Emitted { class: id, node: choice.best[&id].clone() });
+        out.push(Emitted { class: id, node: choice.best[&id].clone(), key: need[&id] });
         for u in users.get(&id).into_iter().flatten() {
             let d = indeg.get_mut(u).expect("user is needed");
             *d -= 1;

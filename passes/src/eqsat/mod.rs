@@ -98,6 +98,17 @@ impl Pass for Eqsat {
 
 /// Saturates one standalone graph and extracts the cheapest equivalent (outputs kept, in order).
 pub fn saturate_and_extract(g: &Graph, target: &Target, limits: &Limits, stats: &mut EqsatStats) -> Graph {
+    saturate_and_extract_keyed(g, target, limits, stats).0
+}
+
+/// [`saturate_and_extract`], also returning for every node of the result its position in `g`'s order (fractional
+/// for new nodes: just before their first user).
+pub fn saturate_and_extract_keyed(
+    g: &Graph,
+    target: &Target,
+    limits: &Limits,
+    stats: &mut EqsatStats,
+) -> (Graph, Vec<f64>) {
     let t0 = Instant::now();
     let mut eg = TEGraph::new(Types);
     let ids = add_graph(&mut eg, g);
@@ -156,10 +167,12 @@ pub fn saturate_and_extract(g: &Graph, target: &Target, limits: &Limits, stats: 
     // Params and inputs stay, in their original order, whether used or not: they are the interface.
     let mut out = Graph::new(g.name.clone());
     let mut vid: HashMap<Id, ValueId> = HashMap::new();
+    let mut keys: Vec<f64> = vec![];
     for (i, n) in g.nodes.iter().enumerate() {
         if matches!(n.op, Op::Param { .. } | Op::Input { .. }) {
             vid.insert(eg.find(ids[i]), ValueId(out.nodes.len() as u32));
             out.nodes.push(n.clone());
+            keys.push(i as f64);
         }
     }
     let mut inherited: HashMap<Id, Option<String>> = HashMap::new();
@@ -174,6 +187,7 @@ pub fn saturate_and_extract(g: &Graph, target: &Target, limits: &Limits, stats: 
         let node = extract::to_node(&eg, &e, &vid, l);
         vid.insert(e.class, ValueId(out.nodes.len() as u32));
         out.nodes.push(node);
+        keys.push(e.key);
     }
     // Children are emitted before parents, but labels were inherited top-down: fill in labels of new nodes from
     // their first user.
@@ -190,7 +204,7 @@ pub fn saturate_and_extract(g: &Graph, target: &Target, limits: &Limits, stats: 
     }
     out.outputs =
         g.outputs.iter().map(|o| Output { kind: o.kind.clone(), value: vid[&eg.find(ids[o.value.index()])] }).collect();
-    out
+    (out, keys)
 }
 
 /// The layer index in a label or parameter name (`model.layers.12.mlp` → 12).
@@ -226,8 +240,6 @@ fn denormalize(s: &str, layer: usize) -> String {
 /// One region cut out as a standalone graph.
 struct Region {
     layer: Option<usize>,
-    /// Original values of the region's nodes, in order.
-    members: Vec<ValueId>,
     /// Original values the region reads from outside (`import{j}` inputs), in order of first use.
     imports: Vec<ValueId>,
     /// Original values the region defines that are used outside it (`export{j}` outputs).
@@ -235,6 +247,8 @@ struct Region {
     /// Dropout seeds in order of appearance (the standalone graph numbers them 0, 1, ...).
     seeds: Vec<u64>,
     graph: Graph,
+    /// For every node of `graph`, the original position it stands for (leaves: the next member's).
+    position: Vec<f64>,
 }
 
 fn cut_regions(g: &Graph) -> Vec<Region> {
@@ -316,7 +330,23 @@ fn cut_regions(g: &Graph) -> Vec<Region> {
                 b.output(OutputKind::Metric(format!("export{}", exports.len() - 1)), m);
             }
         }
-        regions.push(Region { layer, members: vs, imports, exports, seeds, graph: b.finish() });
+        let graph = b.finish();
+        // Members map to their own original positions; the leaves the region added, to the next member's.
+        let mut position = vec![f64::NAN; graph.nodes.len()];
+        for (&orig, &local) in &map {
+            if !matches!(g.node(orig).op, Op::Param { .. } | Op::Input { .. }) {
+                position[local.index()] = orig.index() as f64;
+            }
+        }
+        let mut next = vs.last().map_or(0.0, |v| v.index() as f64);
+        for p in position.iter_mut().rev() {
+            if p.is_nan() {
+                *p = next;
+            } else {
+                next = *p;
+            }
+        }
+        regions.push(Region { layer, imports, exports, seeds, graph, position });
     }
     regions
 }
@@ -326,7 +356,7 @@ pub fn optimize(g: &Graph, target: &Target, limits: &Limits, stats: &mut EqsatSt
     let regions = cut_regions(g);
     stats.regions = regions.len();
     let param_ids: HashMap<&str, ValueId> = g.params().into_iter().map(|(v, n, _)| (n, v)).collect();
-    let mut cache: HashMap<String, Graph> = HashMap::new();
+    let mut cache: HashMap<String, (Graph, Vec<f64>)> = HashMap::new();
     // Rewritten regions, instantiated: nodes whose inputs are either original leaves/exports or local indices.
     enum Src {
         Orig(ValueId),
@@ -341,11 +371,11 @@ pub fn optimize(g: &Graph, target: &Target, limits: &Limits, stats: &mut EqsatSt
     let mut export_map: HashMap<ValueId, usize> = HashMap::new();
     for r in &regions {
         let text = ir::text::print(&r.graph);
-        let opt = match cache.get(&text) {
+        let (opt, keys) = match cache.get(&text) {
             Some(o) => o.clone(),
             None => {
-                let o = saturate_and_extract(&r.graph, target, limits, stats);
-                ir::verify::verify(&o).map_err(|e| format!("region {:?}: {e}", r.layer))?;
+                let o = saturate_and_extract_keyed(&r.graph, target, limits, stats);
+                ir::verify::verify(&o.0).map_err(|e| format!("region {:?}: {e}", r.layer))?;
                 stats.distinct_regions += 1;
                 cache.insert(text, o.clone());
                 o
@@ -354,11 +384,12 @@ pub fn optimize(g: &Graph, target: &Target, limits: &Limits, stats: &mut EqsatSt
         // Map the rewritten region back: imports → original values, params → original params, seeds → real seeds.
         let mut local: HashMap<ValueId, usize> = HashMap::new();
         let mut src_of: HashMap<ValueId, Src> = HashMap::new();
-        // Keys: spread the region's nodes over the original positions of its members, in emitted order.
-        let body: Vec<&Node> =
-            opt.nodes.iter().filter(|n| !matches!(n.op, Op::Param { .. } | Op::Input { .. })).collect();
-        let positions: Vec<f64> = r.members.iter().map(|v| v.index() as f64).collect();
-        let mut k = 0usize;
+        // Keys: a node's region-local position maps to the original position it stands for (the fraction keeps
+        // new nodes just before their first user).
+        let global_key = |k: f64| -> f64 {
+            let i = (k.floor().max(0.0) as usize).min(r.position.len().saturating_sub(1));
+            r.position.get(i).copied().unwrap_or(f64::MAX) + (k - k.floor())
+        };
         for (i, n) in opt.nodes.iter().enumerate() {
             let v = ValueId(i as u32);
             match &n.op {
@@ -390,11 +421,7 @@ pub fn optimize(g: &Graph, target: &Target, limits: &Limits, stats: &mut EqsatSt
                             None => unreachable!("input defined before use"),
                         })
                         .collect();
-                    // Position among the region's nodes, scaled onto the members' original positions.
-                    let at = k * positions.len() / body.len().max(1);
-                    let key = positions.get(at).copied().unwrap_or(f64::MAX) + k as f64 * 1e-9;
-                    k += 1;
-                    pending.push(Pending { node, inputs, key });
+                    pending.push(Pending { node, inputs, key: global_key(keys[i]) });
                     local.insert(v, pending.len() - 1);
                     src_of.insert(v, Src::Local(pending.len() - 1));
                 }
