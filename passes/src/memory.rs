@@ -475,8 +475,12 @@ fn place_arena(buffers: &mut [Buffer]) -> usize {
         |(bytes, start, _)| (start, usize::MAX - bytes, 0),
         |(bytes, start, span)| (usize::MAX - span, usize::MAX - bytes, start),
     ];
-    let mut best: Option<(usize, Vec<usize>)> = None;
-    for order in orders {
+    // The offline best-fit below looks at every placed buffer whose lifetime overlaps; with thousands of long-lived
+    // activations that is quadratic. A simulated allocator (buffers claimed in start order, best-fit from a free
+    // list, freed at their end) is O(n log n) and always a candidate; the offline orders run on small plans.
+    let mut best: Option<(usize, Vec<usize>)> = Some(sweep_fit(buffers, &arena));
+    let orders: &[Order] = if arena.len() <= 1500 { &orders } else { &[] };
+    for &order in orders {
         let mut o = arena.clone();
         o.sort_by_key(|&b| (order(key(&buffers[b])), b));
         let (top, offsets) = best_fit(buffers, &o);
@@ -491,20 +495,105 @@ fn place_arena(buffers: &mut [Buffer]) -> usize {
     top
 }
 
+/// A simulated allocator over time: at each buffer's first step take the smallest free block that fits (lowest
+/// offset on ties, else grow the arena), at its last step give the block back (merging neighbours).
+fn sweep_fit(buffers: &[Buffer], arena: &[usize]) -> (usize, Vec<usize>) {
+    use std::cmp::Reverse;
+    use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+    let mut by_start: Vec<usize> = arena.to_vec();
+    by_start.sort_by_key(|&b| (buffers[b].start, Reverse(buffers[b].bytes), b));
+    let mut free_by_off: BTreeMap<usize, usize> = BTreeMap::new(); // offset -> size
+    let mut free_by_size: BTreeSet<(usize, usize)> = BTreeSet::new(); // (size, offset)
+    let mut ending: BinaryHeap<Reverse<(usize, usize)>> = BinaryHeap::new(); // (end step, buffer)
+    let mut offset_of = vec![usize::MAX; buffers.len()];
+    let mut top = 0usize;
+    let release =
+        |off: usize, size: usize, by_off: &mut BTreeMap<usize, usize>, by_size: &mut BTreeSet<(usize, usize)>| {
+            let (mut off, mut size) = (off, size);
+            if let Some((&o, &s)) = by_off.range(..off).next_back() {
+                if o + s == off {
+                    by_off.remove(&o);
+                    by_size.remove(&(s, o));
+                    off = o;
+                    size += s;
+                }
+            }
+            if let Some(&s) = by_off.get(&(off + size)) {
+                by_off.remove(&(off + size));
+                by_size.remove(&(s, off + size));
+                size += s;
+            }
+            by_off.insert(off, size);
+            by_size.insert((size, off));
+        };
+    for &b in &by_start {
+        let (start, bytes) = (buffers[b].start, buffers[b].bytes);
+        while let Some(&Reverse((end, o))) = ending.peek() {
+            if end >= start {
+                break;
+            }
+            ending.pop();
+            release(offset_of[o], buffers[o].bytes, &mut free_by_off, &mut free_by_size);
+        }
+        let fit = free_by_size.range((bytes, 0)..).next().copied();
+        let offset = match fit {
+            Some((size, off)) => {
+                free_by_size.remove(&(size, off));
+                free_by_off.remove(&off);
+                if size > bytes {
+                    free_by_off.insert(off + bytes, size - bytes);
+                    free_by_size.insert((size - bytes, off + bytes));
+                }
+                off
+            }
+            None => {
+                // Grow: reuse a free block that ends at the top, if any.
+                match free_by_off.iter().next_back().map(|(&o, &s)| (o, s)) {
+                    Some((o, s)) if o + s == top => {
+                        free_by_off.remove(&o);
+                        free_by_size.remove(&(s, o));
+                        top = o + bytes;
+                        o
+                    }
+                    _ => {
+                        let o = top;
+                        top += bytes;
+                        o
+                    }
+                }
+            }
+        };
+        offset_of[b] = offset;
+        ending.push(Reverse((buffers[b].end, b)));
+    }
+    let mut sorted: Vec<usize> = arena.to_vec();
+    sorted.sort();
+    (top, sorted.into_iter().map(|b| offset_of[b]).collect())
+}
+
 /// Places `order`'s buffers one by one at the smallest gap that fits between the already placed buffers whose
 /// lifetimes overlap (lowest offset on ties), else on top of them. Returns the arena size and each buffer's offset
 /// (indexed like the arena buffers in index order).
 fn best_fit(buffers: &[Buffer], order: &[usize]) -> (usize, Vec<usize>) {
+    // Placed buffers are indexed by the time buckets their lifetimes cover, so a query only looks at buffers live
+    // near its own lifetime (linear in the live set, not in everything placed so far).
+    const BUCKET: usize = 64;
+    let steps = buffers.iter().map(|b| b.end).max().unwrap_or(0) + 1;
+    let mut by_bucket: Vec<Vec<usize>> = vec![vec![]; steps / BUCKET + 1];
+    let mut stamp = vec![usize::MAX; buffers.len()];
     let mut offset_of = vec![usize::MAX; buffers.len()];
-    let mut placed: Vec<usize> = vec![];
     let mut top = 0;
-    for &b in order {
+    for (q, &b) in order.iter().enumerate() {
         let (start, end, bytes) = (buffers[b].start, buffers[b].end, buffers[b].bytes);
-        let mut taken: Vec<(usize, usize)> = placed
-            .iter()
-            .filter(|&&o| buffers[o].start <= end && start <= buffers[o].end)
-            .map(|&o| (offset_of[o], offset_of[o] + buffers[o].bytes))
-            .collect();
+        let mut taken: Vec<(usize, usize)> = vec![];
+        for bucket in &by_bucket[start / BUCKET..=end / BUCKET] {
+            for &o in bucket {
+                if stamp[o] != q && buffers[o].start <= end && start <= buffers[o].end {
+                    stamp[o] = q;
+                    taken.push((offset_of[o], offset_of[o] + buffers[o].bytes));
+                }
+            }
+        }
         taken.sort();
         let (mut best, mut cursor) = (None::<(usize, usize)>, 0);
         for &(lo, hi) in &taken {
@@ -519,7 +608,9 @@ fn best_fit(buffers: &[Buffer], order: &[usize]) -> (usize, Vec<usize>) {
         let offset = best.map_or(cursor, |(_, off)| off);
         offset_of[b] = offset;
         top = top.max(offset + bytes);
-        placed.push(b);
+        for bucket in &mut by_bucket[start / BUCKET..=end / BUCKET] {
+            bucket.push(b);
+        }
     }
     let mut arena: Vec<usize> = order.to_vec();
     arena.sort();
