@@ -23,7 +23,7 @@ pub struct StepMetrics {
     pub persistent_bytes: usize,
     pub frozen_weight_grad_matmuls: usize,
     pub materialized_dequant: usize,
-    /// LoRA branches folded into their base GEMM (forward, one per adapted module).
+    /// LoRA branches folded into their base GEMM (forward, one per adapted module; recomputed copies not counted).
     pub fused_lora_linears: usize,
     /// Backward dX GEMMs with the LoRA rank update folded in.
     pub fused_lora_linears_bwd: usize,
@@ -94,7 +94,10 @@ pub fn step_metrics(g: &Graph, target: &Target) -> StepMetrics {
         match &n.op {
             Op::MatMul { ta: true, .. } if for_frozen[i] && !for_rest[i] => m.frozen_weight_grad_matmuls += 1,
             Op::Nf4Dequantize {} if g.kernels.is_empty() || outside[i] => m.materialized_dequant += 1,
-            Op::LoraLinear { tb: true, .. } => m.fused_lora_linears += 1,
+            // Recomputed copies (per-block recompute) are the same modules again: count each module once.
+            Op::LoraLinear { tb: true, .. } if !n.label.as_deref().is_some_and(|l| l.ends_with("(recompute)")) => {
+                m.fused_lora_linears += 1
+            }
             Op::LoraLinear { tb: false, .. } => m.fused_lora_linears_bwd += 1,
             _ => {}
         }
