@@ -34,11 +34,15 @@ demo: setup
 	target/release/tunec compile examples/llama2-7b.qlora.rs --emit ir > target/demo/llama2-7b.qlora.tir
 	head -n 40 target/demo/llama2-7b.qlora.tir
 	echo "... ($$(wc -l < target/demo/llama2-7b.qlora.tir) lines in target/demo/llama2-7b.qlora.tir)"
+	echo "== what the optimizer did (unoptimized vs optimized step)"
+	target/release/tunec compile examples/llama2-7b.qlora.rs --emit none --report
 	echo "== the IR after every pass for the tiny LoRA recipe: target/demo/tiny.lora/"
 	target/release/tunec compile examples/tiny.lora.rs --emit none --dump-all target/demo/tiny.lora
 
-# Compile-time benchmark: prints a table, writes target/bench/compile.json.
+# Compile-time benchmarks (by recipe, by depth) and the 7B QLoRA report: tables on the terminal, JSON in target/bench/.
 bench: setup
 	$(ENV)
 	cargo build --release -p tunec
 	scripts/bench_compile.sh 10 target/bench/compile.json
+	scripts/bench_layers.sh 5 target/bench/layers.json
+	target/release/tunec compile examples/llama2-7b.qlora.rs --emit none --report --report-json target/bench/llama2-7b.qlora.report.json
