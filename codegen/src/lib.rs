@@ -8,7 +8,9 @@
 
 pub mod error;
 pub mod host;
+pub mod lower;
 pub mod mlir;
+pub mod mlir_export;
 pub mod ptx;
 pub mod ptxas;
 

@@ -9,6 +9,7 @@ pub mod infer;
 pub mod interp;
 pub mod nf4;
 pub mod ops;
+pub mod plan;
 pub mod rng;
 pub mod text;
 pub mod types;

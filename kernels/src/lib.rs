@@ -7,6 +7,7 @@
 
 mod axpy;
 mod error;
+pub mod loops;
 mod nvptx;
 
 pub use axpy::{emit_axpy_kernel, AXPY_KERNEL_NAME};

@@ -1,4 +1,6 @@
-//! The `tunec` command line: compile recipes to IR (and, as the later stages land, to plans), check the toolchain.
+//! The `tunec` command line: compile recipes to IR and to plans (`-o plan.bin`), inspect plans, check the toolchain.
+
+mod plan_source;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use passes::{training_pipeline, PassManager, PipelineOptions};
@@ -21,6 +23,11 @@ struct Cli {
 enum Command {
     /// Compile a recipe (a Rust-syntax DSL file) into the IR of its whole training step.
     Compile(CompileArgs),
+    /// Print a readable summary of a plan file written by `tunec compile -o`.
+    Inspect {
+        /// The plan, e.g. plan.bin
+        plan: PathBuf,
+    },
     /// Check the native toolchain: LLVM (NVPTX + host), ptxas, MLIR, and whether a CUDA driver is present.
     Doctor,
 }
@@ -29,9 +36,9 @@ enum Command {
 struct CompileArgs {
     /// The recipe, e.g. examples/llama2-7b.qlora.rs
     recipe: PathBuf,
-    /// What to print on stdout.
-    #[arg(long, value_enum, default_value_t = Emit::Ir)]
-    emit: Emit,
+    /// What to print on stdout [default: ir, or none with -o].
+    #[arg(long, value_enum)]
+    emit: Option<Emit>,
     /// Print the IR after this pass too (repeatable; `input` is the forward graph). Passes: autodiff,
     /// eliminate-frozen-grads, adamw, drop-logits, cse, eqsat, dce, recompute, fuse, schedule.
     #[arg(long = "dump-after", value_name = "PASS")]
@@ -51,6 +58,9 @@ struct CompileArgs {
     /// Write the report as JSON to this file.
     #[arg(long = "report-json", value_name = "FILE")]
     report_json: Option<PathBuf>,
+    /// Write the plan (graph, kernels, memory plan, bindings, settings) to this file.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -59,6 +69,8 @@ enum Emit {
     Ir,
     /// The forward graph with the adapters applied, before any pass.
     Forward,
+    /// The optimized training step in standard MLIR dialects (func/arith/math/linalg/tensor), verified by MLIR.
+    Mlir,
     /// Only the summary on stderr.
     None,
 }
@@ -67,6 +79,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Compile(args) => compile(&args),
+        Command::Inspect { plan } => inspect(&plan),
         Command::Doctor => doctor(),
     };
     match result {
@@ -80,8 +93,9 @@ fn main() -> ExitCode {
 
 fn compile(args: &CompileArgs) -> Result<(), String> {
     use passes::recompute::RecomputePolicy;
-    let CompileArgs { recipe: path, emit, dump_after, dump_all, target, recompute, report, report_json } = args;
-    let (emit, report) = (*emit, *report);
+    let CompileArgs { recipe: path, emit, dump_after, dump_all, target, recompute, report, report_json, output } = args;
+    let emit = emit.unwrap_or(if output.is_some() { Emit::None } else { Emit::Ir });
+    let report = *report;
     let recompute = match recompute.as_str() {
         "auto" => None,
         "off" => Some(RecomputePolicy::Off),
@@ -133,9 +147,19 @@ fn compile(args: &CompileArgs) -> Result<(), String> {
             println!("// ---- IR after {pass} ----\n{text}");
         }
     }
+    if let Some(out) = output {
+        let memory = passes::memory::plan(&graph);
+        let plan = plan_source::plan_of(&recipe, graph.clone(), &memory, opts.target.name)
+            .map_err(|e| format!("error: building the plan: {e}"))?;
+        let bytes = plan.write(out).map_err(|e| format!("error: writing the plan: {e}"))?;
+        eprintln!("wrote {} ({bytes} bytes)", out.display());
+    }
     match emit {
         Emit::Ir => print!("{}", ir::text::print(&graph)),
         Emit::Forward => print!("{}", ir::text::print(&recipe.forward)),
+        Emit::Mlir => {
+            print!("{}", codegen::mlir_export::export_mlir(&graph).map_err(|e| format!("error: MLIR export: {e}"))?)
+        }
         Emit::None => {}
     }
     let params = graph.params();
@@ -216,6 +240,16 @@ fn write_report(
         let text = serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?;
         std::fs::write(path, text + "\n").map_err(|e| format!("error: {}: {e}", path.display()))?;
     }
+    Ok(())
+}
+
+/// Reads a plan and prints its summary.
+fn inspect(path: &std::path::Path) -> Result<(), String> {
+    let plan = ir::plan::Plan::read(path).map_err(|e| match e {
+        ir::plan::PlanError::Io { .. } => format!("error: {e}"),
+        e => format!("error: {}: {e}", path.display()),
+    })?;
+    println!("{}", plan.summary().trim_end());
     Ok(())
 }
 

@@ -1,0 +1,897 @@
+//! Lowering of [`LoopNest`]s (elementwise and row-reduction kernel groups) to LLVM IR, for the host and for NVPTX,
+//! from the one description: both targets share the expression code; only the loops around it differ.
+//!
+//! # Kernel ABI
+//! Buffers are the nest's [`LoopNest::buffers`]: inputs first, then outputs, each a dense row-major f32 (or i32)
+//! array; scalar inputs (`lr`, `step`) are one-element buffers. Constants are folded into the code.
+//! - **Host** ([`emit_host`]): `void tunec_<name>(ptr args, i32 tid, i32 nthreads)`, where `args[k]` is buffer `k`'s
+//!   pointer. Thread `tid` of `nthreads` takes one contiguous slice of the outer iteration space (elements, or rows
+//!   for row kernels); calling every `tid` in `0..nthreads` (in any order, or concurrently) runs the whole kernel.
+//!   Loops are plain counted loops that O3's loop vectorizer vectorizes ([`optimize_host`]).
+//! - **NVPTX** ([`emit_ptx`]): `.entry tunec_<name>(ptr b0, ptr b1, …)` (calling convention 71, `ptx_kernel`),
+//!   one generic pointer per buffer in the same order. Elementwise kernels are grid-stride loops (any grid).
+//!   Row kernels take one block per row (grid-stride over rows); `blockDim.x` must be a multiple of 32 and at most
+//!   1024 ([`ROW_BLOCK_THREADS`] is a good choice); reductions are warp shuffles (`llvm.nvvm.shfl.sync.bfly.f32`)
+//!   then one shared-memory pass over the warps' partials.
+//!
+//! # Numerics
+//! f32 throughout, with `exp`/`log` as Cephes-style polynomials in IR (so the host loops vectorize and the GPU needs
+//! no libdevice). `scale`, `dropout`, `adamw_moment` and `adamw_update` compute in f64 and round once, as the
+//! interpreter does; dropout's mask is `ir::rng` re-implemented bit for bit.
+
+use std::collections::HashMap;
+
+use inkwell::builder::Builder;
+use inkwell::context::Context;
+use inkwell::intrinsics::Intrinsic;
+use inkwell::module::{Linkage, Module};
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{CodeModel, InitializationConfig, RelocMode, Target, TargetMachine};
+use inkwell::types::{BasicType, BasicTypeEnum};
+use inkwell::values::{
+    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue, GlobalValue, IntValue, PointerValue,
+};
+use inkwell::{AddressSpace, FloatPredicate, IntPredicate, OptimizationLevel};
+use kernels::loops::{index_map, row_input, Elem, ExprId, ExprOp, IndexMap, Iteration, LoopNest};
+use kernels::{read_sreg, set_ptx_kernel, KernelError, Sreg};
+
+use crate::CodegenError;
+
+/// A good `blockDim.x` for row kernels on the GPU (any multiple of 32 up to 1024 is valid).
+pub const ROW_BLOCK_THREADS: u32 = 256;
+
+/// Which machine a kernel is lowered for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    Host,
+    Nvptx,
+}
+
+type Kr<T> = Result<T, KernelError>;
+
+/// Adds the host function for `nest` to `module` (see the module docs for its ABI).
+pub fn emit_host<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    nest: &LoopNest,
+) -> Result<FunctionValue<'ctx>, CodegenError> {
+    Ok(emit(ctx, module, nest, Flavor::Host)?)
+}
+
+/// Adds the `ptx_kernel` function for `nest` to `module` (lower the module with [`crate::ptx::emit_ptx`]).
+pub fn emit_ptx<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    nest: &LoopNest,
+) -> Result<FunctionValue<'ctx>, CodegenError> {
+    Ok(emit(ctx, module, nest, Flavor::Nvptx)?)
+}
+
+/// PTX text for `nest` alone, for `sm`.
+pub fn nest_to_ptx(nest: &LoopNest, sm: u32) -> Result<String, CodegenError> {
+    let ctx = Context::create();
+    let module = ctx.create_module(&nest.symbol());
+    emit_ptx(&ctx, &module, nest)?;
+    crate::ptx::emit_ptx(&module, sm)
+}
+
+/// A target machine for the CPU we run on, with its features (AVX2, AVX-512, … where present).
+pub fn host_target_machine() -> Result<TargetMachine, CodegenError> {
+    Target::initialize_native(&InitializationConfig::default()).map_err(CodegenError::Jit)?;
+    let triple = TargetMachine::get_default_triple();
+    let target = Target::from_triple(&triple)
+        .map_err(|e| CodegenError::Llvm { stage: "host target", message: e.to_string() })?;
+    let cpu = TargetMachine::get_host_cpu_name().to_string();
+    let features = TargetMachine::get_host_cpu_features().to_string();
+    target
+        .create_target_machine(
+            &triple,
+            &cpu,
+            &features,
+            OptimizationLevel::Aggressive,
+            RelocMode::PIC,
+            CodeModel::Default,
+        )
+        .ok_or_else(|| CodegenError::Llvm { stage: "host target", message: format!("no target machine for {cpu}") })
+}
+
+/// Sets the host triple and data layout on `module`, verifies it and runs `default<O3>` (which vectorizes the loops).
+pub fn optimize_host(module: &Module<'_>) -> Result<(), CodegenError> {
+    let machine = host_target_machine()?;
+    module.set_triple(&machine.get_triple());
+    module.set_data_layout(&machine.get_target_data().get_data_layout());
+    module.verify().map_err(|e| CodegenError::Llvm { stage: "verify", message: e.to_string() })?;
+    module
+        .run_passes("default<O3>", &machine, PassBuilderOptions::create())
+        .map_err(|e| CodegenError::Llvm { stage: "optimize", message: e.to_string() })
+}
+
+/// An index into an expression's shape: the linear index, and (inside a row kernel's row loop) its split into
+/// (row, column) with `lin = row·cols + col`.
+#[derive(Clone, Copy)]
+struct Ix<'ctx> {
+    lin: IntValue<'ctx>,
+    rc: Option<(IntValue<'ctx>, IntValue<'ctx>)>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Red {
+    Sum,
+    Max,
+}
+
+struct Gen<'a, 'ctx> {
+    ctx: &'ctx Context,
+    module: &'a Module<'ctx>,
+    b: Builder<'ctx>,
+    func: FunctionValue<'ctx>,
+    nest: &'a LoopNest,
+    flavor: Flavor,
+    bufs: Vec<PointerValue<'ctx>>,
+    /// Values computed in the current loop body, by (expression, linear index).
+    memo: HashMap<(ExprId, IntValue<'ctx>), BasicValueEnum<'ctx>>,
+    /// Per-row statistics of the row ops, valid in the current row.
+    stats: HashMap<ExprId, Vec<FloatValue<'ctx>>>,
+    /// Per-kernel values computed once at entry (AdamW's bias corrections).
+    hoisted: HashMap<ExprId, Vec<FloatValue<'ctx>>>,
+    /// NVPTX: 32 f32 of shared memory for the warps' partial sums.
+    scratch: Option<GlobalValue<'ctx>>,
+}
+
+fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, nest: &LoopNest, flavor: Flavor) -> Kr<FunctionValue<'ctx>> {
+    let name = nest.symbol();
+    if module.get_function(&name).is_some() {
+        return Err(KernelError::DuplicateKernel(name));
+    }
+    let ptr = ctx.ptr_type(AddressSpace::default());
+    let i32t = ctx.i32_type();
+    let fn_type = match flavor {
+        Flavor::Host => ctx.void_type().fn_type(&[ptr.into(), i32t.into(), i32t.into()], false),
+        Flavor::Nvptx => {
+            let params: Vec<_> = nest.buffers.iter().map(|_| ptr.into()).collect();
+            ctx.void_type().fn_type(&params, false)
+        }
+    };
+    let func = module.add_function(&name, fn_type, None);
+    let b = ctx.create_builder();
+    b.position_at_end(ctx.append_basic_block(func, "entry"));
+    let bufs = match flavor {
+        Flavor::Host => {
+            let args = func.get_nth_param(0).expect("args param").into_pointer_value();
+            args.set_name("args");
+            let mut bufs = Vec::new();
+            for k in 0..nest.buffers.len() {
+                // SAFETY: `args` holds one pointer per buffer (the ABI); k < buffers.len().
+                let slot =
+                    unsafe { b.build_in_bounds_gep(ptr, args, &[ctx.i64_type().const_int(k as u64, false)], "")? };
+                bufs.push(b.build_load(ptr, slot, &format!("buf{k}"))?.into_pointer_value());
+            }
+            bufs
+        }
+        Flavor::Nvptx => {
+            set_ptx_kernel(func);
+            func.get_param_iter().map(|p| p.into_pointer_value()).collect()
+        }
+    };
+    let scratch = match (flavor, nest.iteration) {
+        (Flavor::Nvptx, Iteration::Rows { .. }) => {
+            let ty = ctx.f32_type().array_type(32);
+            let g = module.add_global(ty, Some(AddressSpace::from(3u16)), &format!("{name}_partials"));
+            g.set_linkage(Linkage::Internal);
+            g.set_initializer(&ty.get_undef());
+            Some(g)
+        }
+        _ => None,
+    };
+    let mut gen = Gen {
+        ctx,
+        module,
+        b,
+        func,
+        nest,
+        flavor,
+        bufs,
+        memo: HashMap::new(),
+        stats: HashMap::new(),
+        hoisted: HashMap::new(),
+        scratch,
+    };
+    gen.hoist()?;
+    match nest.iteration {
+        Iteration::Elements { len } => gen.elementwise(len)?,
+        Iteration::Rows { rows, cols } => gen.rows(rows, cols)?,
+    }
+    gen.b.build_return(None)?;
+    Ok(func)
+}
+
+impl<'a, 'ctx> Gen<'a, 'ctx> {
+    fn i64c(&self, v: u64) -> IntValue<'ctx> {
+        self.ctx.i64_type().const_int(v, false)
+    }
+    fn i32c(&self, v: i64) -> IntValue<'ctx> {
+        self.ctx.i32_type().const_int(v as u64, true)
+    }
+    fn f32c(&self, v: f64) -> FloatValue<'ctx> {
+        self.ctx.f32_type().const_float(v)
+    }
+    fn f64c(&self, v: f64) -> FloatValue<'ctx> {
+        self.ctx.f64_type().const_float(v)
+    }
+
+    fn intrinsic(&self, name: &'static str, types: &[BasicTypeEnum<'ctx>]) -> Kr<FunctionValue<'ctx>> {
+        Intrinsic::find(name)
+            .and_then(|i| i.get_declaration(self.module, types))
+            .ok_or(KernelError::MissingIntrinsic(name))
+    }
+
+    fn call(&self, f: FunctionValue<'ctx>, args: &[BasicMetadataValueEnum<'ctx>]) -> Kr<BasicValueEnum<'ctx>> {
+        let call = self.b.build_call(f, args, "")?;
+        Ok(call.try_as_basic_value().basic().expect("intrinsic returns a value"))
+    }
+
+    /// `llvm.<name>.<type of x>` applied to float operands.
+    fn fcall(&self, name: &'static str, args: &[FloatValue<'ctx>]) -> Kr<FloatValue<'ctx>> {
+        let f = self.intrinsic(name, &[args[0].get_type().as_basic_type_enum()])?;
+        let args: Vec<BasicMetadataValueEnum> = args.iter().map(|&a| a.into()).collect();
+        Ok(self.call(f, &args)?.into_float_value())
+    }
+
+    fn sreg(&self, reg: Sreg) -> Kr<IntValue<'ctx>> {
+        let v = read_sreg(self.module, &self.b, reg, "")?;
+        Ok(self.b.build_int_z_extend(v, self.ctx.i64_type(), "")?)
+    }
+
+    /// A counted loop `for i in (start..end).step_by(step)` carrying `init` values; `body` returns the next values.
+    /// Returns the carried values after the loop.
+    #[allow(clippy::type_complexity)]
+    fn for_loop(
+        &mut self,
+        name: &str,
+        start: IntValue<'ctx>,
+        end: IntValue<'ctx>,
+        step: IntValue<'ctx>,
+        init: &[BasicValueEnum<'ctx>],
+        body: &mut dyn FnMut(&mut Self, IntValue<'ctx>, &[BasicValueEnum<'ctx>]) -> Kr<Vec<BasicValueEnum<'ctx>>>,
+    ) -> Kr<Vec<BasicValueEnum<'ctx>>> {
+        let pre = self.b.get_insert_block().expect("builder is positioned");
+        let header = self.ctx.append_basic_block(self.func, &format!("{name}.header"));
+        let body_bb = self.ctx.append_basic_block(self.func, &format!("{name}.body"));
+        let exit = self.ctx.append_basic_block(self.func, &format!("{name}.exit"));
+        self.b.build_unconditional_branch(header)?;
+        self.b.position_at_end(header);
+        let i = self.b.build_phi(start.get_type(), name)?;
+        let phis = init.iter().map(|v| self.b.build_phi(v.get_type(), "")).collect::<Result<Vec<_>, _>>()?;
+        let iv = i.as_basic_value().into_int_value();
+        let more = self.b.build_int_compare(IntPredicate::SLT, iv, end, "")?;
+        self.b.build_conditional_branch(more, body_bb, exit)?;
+        self.b.position_at_end(body_bb);
+        let saved = std::mem::take(&mut self.memo);
+        let carried: Vec<BasicValueEnum> = phis.iter().map(|p| p.as_basic_value()).collect();
+        let next_vals = body(self, iv, &carried)?;
+        self.memo = saved;
+        let next = self.b.build_int_add(iv, step, "")?;
+        let latch = self.b.get_insert_block().expect("builder is positioned");
+        self.b.build_unconditional_branch(header)?;
+        i.add_incoming(&[(&start, pre), (&next, latch)]);
+        for ((phi, init), next) in phis.iter().zip(init).zip(&next_vals) {
+            phi.add_incoming(&[(init, pre), (next, latch)]);
+        }
+        self.b.position_at_end(exit);
+        Ok(carried)
+    }
+
+    /// `[start, end)` of the outer iteration space for this thread (host) or the first index and stride (NVPTX).
+    fn outer_range(&self, total: usize, per_block: bool) -> Kr<(IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>)> {
+        let i64t = self.ctx.i64_type();
+        let total = self.i64c(total as u64);
+        match self.flavor {
+            Flavor::Host => {
+                let tid = self.func.get_nth_param(1).expect("tid").into_int_value();
+                let n = self.func.get_nth_param(2).expect("nthreads").into_int_value();
+                let tid = self.b.build_int_z_extend(tid, i64t, "tid")?;
+                let n = self.b.build_int_z_extend(n, i64t, "nthreads")?;
+                let n1 = self.b.build_int_sub(n, self.i64c(1), "")?;
+                let chunk = self.b.build_int_unsigned_div(self.b.build_int_add(total, n1, "")?, n, "chunk")?;
+                let start = self.umin(self.b.build_int_mul(tid, chunk, "")?, total)?;
+                let end = self.umin(self.b.build_int_add(start, chunk, "")?, total)?;
+                Ok((start, end, self.i64c(1)))
+            }
+            Flavor::Nvptx => {
+                let (ctaid, nctaid) = (self.sreg(Sreg::CtaIdX)?, self.sreg(Sreg::NctaIdX)?);
+                if per_block {
+                    return Ok((ctaid, total, nctaid));
+                }
+                let (ntid, tid) = (self.sreg(Sreg::NtidX)?, self.sreg(Sreg::TidX)?);
+                let start = self.b.build_int_add(self.b.build_int_mul(ctaid, ntid, "")?, tid, "")?;
+                Ok((start, total, self.b.build_int_mul(ntid, nctaid, "")?))
+            }
+        }
+    }
+
+    fn umin(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
+        let lt = self.b.build_int_compare(IntPredicate::ULT, a, b, "")?;
+        Ok(self.b.build_select(lt, a, b, "")?.into_int_value())
+    }
+
+    fn elementwise(&mut self, len: usize) -> Kr<()> {
+        let (start, end, step) = self.outer_range(len, false)?;
+        self.for_loop("i", start, end, step, &[], &mut |g, i, _| {
+            g.store_all(Ix { lin: i, rc: None }, |n| n == len)?;
+            Ok(vec![])
+        })?;
+        Ok(())
+    }
+
+    fn rows(&mut self, rows: usize, cols: usize) -> Kr<()> {
+        let (start, end, step) = self.outer_range(rows, true)?;
+        self.for_loop("row", start, end, step, &[], &mut |g, r, _| {
+            g.stats.clear();
+            for e in g.nest.row_ops() {
+                g.row_stats(e, r, cols)?;
+            }
+            // Full-size outputs along the row, then row-size outputs (one per row).
+            let (j0, jstep) = g.inner_range()?;
+            let base = g.b.build_int_mul(r, g.i64c(cols as u64), "")?;
+            g.for_loop("col", j0, g.i64c(cols as u64), jstep, &[], &mut |g, j, _| {
+                let lin = g.b.build_int_add(base, j, "")?;
+                g.store_all(Ix { lin, rc: Some((r, j)) }, |n| n == rows * cols)?;
+                Ok(vec![])
+            })?;
+            if g.nest.stores.iter().any(|s| g.nest.exprs[s.expr].numel() == rows && rows != rows * cols) {
+                g.in_thread_zero(&mut |g| g.store_all(Ix { lin: r, rc: None }, |n| n == rows && n != rows * cols))?;
+            }
+            Ok(vec![])
+        })?;
+        Ok(())
+    }
+
+    /// Runs `f` on thread 0 of the block only (NVPTX), or plainly (host).
+    fn in_thread_zero(&mut self, f: &mut dyn FnMut(&mut Self) -> Kr<()>) -> Kr<()> {
+        if self.flavor == Flavor::Host {
+            return f(self);
+        }
+        let tid = self.sreg(Sreg::TidX)?;
+        let zero = self.b.build_int_compare(IntPredicate::EQ, tid, self.i64c(0), "")?;
+        let then = self.ctx.append_basic_block(self.func, "thread0");
+        let done = self.ctx.append_basic_block(self.func, "thread0.done");
+        self.b.build_conditional_branch(zero, then, done)?;
+        self.b.position_at_end(then);
+        let saved = std::mem::take(&mut self.memo);
+        f(self)?;
+        self.memo = saved;
+        self.b.build_unconditional_branch(done)?;
+        self.b.position_at_end(done);
+        Ok(())
+    }
+
+    /// The first column and the column stride of this thread in a row: (0, 1) on the host, (tid, ntid) on NVPTX.
+    fn inner_range(&self) -> Kr<(IntValue<'ctx>, IntValue<'ctx>)> {
+        match self.flavor {
+            Flavor::Host => Ok((self.i64c(0), self.i64c(1))),
+            Flavor::Nvptx => Ok((self.sreg(Sreg::TidX)?, self.sreg(Sreg::NtidX)?)),
+        }
+    }
+
+    /// Stores every output whose element count passes `which`, at `ix`.
+    fn store_all(&mut self, ix: Ix<'ctx>, which: impl Fn(usize) -> bool) -> Kr<()> {
+        for s in self.nest.stores.clone() {
+            if !which(self.nest.exprs[s.expr].numel()) {
+                continue;
+            }
+            let v = self.gen(s.expr, ix)?;
+            // SAFETY: ix.lin is below the output's element count (the loops' bounds).
+            let p = unsafe { self.b.build_in_bounds_gep(self.ctx.f32_type(), self.bufs[s.buffer], &[ix.lin], "")? };
+            self.b.build_store(p, v)?;
+        }
+        Ok(())
+    }
+
+    /// Reduces over the current row: `body` gives one value per reduction at each column.
+    fn reduce_row(
+        &mut self,
+        r: IntValue<'ctx>,
+        cols: usize,
+        kinds: &[Red],
+        body: &dyn Fn(&mut Self, Ix<'ctx>) -> Kr<Vec<FloatValue<'ctx>>>,
+    ) -> Kr<Vec<FloatValue<'ctx>>> {
+        let init: Vec<BasicValueEnum> = kinds.iter().map(|&k| self.identity(k).into()).collect();
+        let (j0, jstep) = self.inner_range()?;
+        let base = self.b.build_int_mul(r, self.i64c(cols as u64), "")?;
+        let accs = self.for_loop("red", j0, self.i64c(cols as u64), jstep, &init, &mut |g, j, acc| {
+            let lin = g.b.build_int_add(base, j, "")?;
+            let vals = body(g, Ix { lin, rc: Some((r, j)) })?;
+            let mut next = Vec::with_capacity(vals.len());
+            for ((&k, a), v) in kinds.iter().zip(acc).zip(vals) {
+                next.push(g.combine(k, a.into_float_value(), v, true)?.into());
+            }
+            Ok(next)
+        })?;
+        let mut out = Vec::with_capacity(kinds.len());
+        for (&k, a) in kinds.iter().zip(accs) {
+            out.push(match self.flavor {
+                Flavor::Host => a.into_float_value(),
+                Flavor::Nvptx => self.block_reduce(k, a.into_float_value())?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn identity(&self, k: Red) -> FloatValue<'ctx> {
+        match k {
+            Red::Sum => self.f32c(0.0),
+            Red::Max => self.f32c(f64::NEG_INFINITY),
+        }
+    }
+
+    fn combine(&self, k: Red, a: FloatValue<'ctx>, b: FloatValue<'ctx>, reassoc: bool) -> Kr<FloatValue<'ctx>> {
+        match k {
+            Red::Sum => {
+                let s = self.b.build_float_add(a, b, "")?;
+                if reassoc {
+                    // Lets the vectorizer split the sum into lanes (the order of a reduction is free).
+                    if let Some(inst) = s.as_instruction() {
+                        let _ = inst.set_fast_math_flags(inkwell::values::FastMathFlags::AllowReassoc);
+                    }
+                }
+                Ok(s)
+            }
+            Red::Max => self.fcall("llvm.maxnum", &[a, b]),
+        }
+    }
+
+    /// NVPTX: the block-wide reduction of every thread's `v` (all threads get the result).
+    fn block_reduce(&mut self, k: Red, mut v: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let shfl = self.intrinsic("llvm.nvvm.shfl.sync.bfly.f32", &[])?;
+        for offset in [16, 8, 4, 2, 1] {
+            let args = [self.i32c(-1).into(), v.into(), self.i32c(offset).into(), self.i32c(31).into()];
+            let other = self.call(shfl, &args)?.into_float_value();
+            v = self.combine(k, v, other, false)?;
+        }
+        let scratch = self.scratch.expect("row kernels have scratch").as_pointer_value();
+        let arr = self.ctx.f32_type().array_type(32);
+        let tid = self.sreg(Sreg::TidX)?;
+        let lane = self.b.build_and(tid, self.i64c(31), "lane")?;
+        let warp = self.b.build_right_shift(tid, self.i64c(5), false, "warp")?;
+        let nwarps = self.b.build_right_shift(self.sreg(Sreg::NtidX)?, self.i64c(5), false, "nwarps")?;
+        let is_lane0 = self.b.build_int_compare(IntPredicate::EQ, lane, self.i64c(0), "")?;
+        let write = self.ctx.append_basic_block(self.func, "partial.write");
+        let written = self.ctx.append_basic_block(self.func, "partial.written");
+        self.b.build_conditional_branch(is_lane0, write, written)?;
+        self.b.position_at_end(write);
+        // SAFETY: warp < 32 because blockDim.x <= 1024 (the launch contract).
+        let slot = unsafe { self.b.build_in_bounds_gep(arr, scratch, &[self.i64c(0), warp], "")? };
+        self.b.build_store(slot, v)?;
+        self.b.build_unconditional_branch(written)?;
+        self.b.position_at_end(written);
+        self.barrier()?;
+        let init = [self.identity(k).into()];
+        let total = self.for_loop("warps", self.i64c(0), nwarps, self.i64c(1), &init, &mut |g, w, acc| {
+            // SAFETY: w < nwarps <= 32.
+            let slot = unsafe { g.b.build_in_bounds_gep(arr, scratch, &[g.i64c(0), w], "")? };
+            let p = g.b.build_load(g.ctx.f32_type(), slot, "")?.into_float_value();
+            Ok(vec![g.combine(k, acc[0].into_float_value(), p, false)?.into()])
+        })?;
+        // Nobody may overwrite the partials before every thread has read them.
+        self.barrier()?;
+        Ok(total[0].into_float_value())
+    }
+
+    fn barrier(&self) -> Kr<()> {
+        let f = self.intrinsic("llvm.nvvm.barrier.cta.sync.aligned.all", &[])?;
+        self.b.build_call(f, &[self.i32c(0).into()], "")?;
+        Ok(())
+    }
+
+    /// Computes the row statistics of row op `e` for row `r` into `self.stats`.
+    fn row_stats(&mut self, e: ExprId, r: IntValue<'ctx>, cols: usize) -> Kr<()> {
+        let expr = self.nest.exprs[e].clone();
+        let d = self.f32c(cols as f64);
+        let x_arg = expr.args[row_input(&expr.op)];
+        let stats = match expr.op {
+            ExprOp::RmsNorm { eps } => {
+                let ss = self.reduce_row(r, cols, &[Red::Sum], &|g, ix| {
+                    let x = g.arg(x_arg, e, ix)?;
+                    Ok(vec![g.b.build_float_mul(x, x, "")?])
+                })?[0];
+                vec![self.inv_rms(ss, d, eps)?]
+            }
+            ExprOp::RmsNormBwdX { eps } => {
+                let (dy_arg, w_arg) = (expr.args[0], expr.args[2]);
+                let sums = self.reduce_row(r, cols, &[Red::Sum, Red::Sum], &|g, ix| {
+                    let (dy, x, w) = (g.arg(dy_arg, e, ix)?, g.arg(x_arg, e, ix)?, g.arg(w_arg, e, ix)?);
+                    let dyw = g.b.build_float_mul(dy, w, "")?;
+                    Ok(vec![g.b.build_float_mul(x, x, "")?, g.b.build_float_mul(dyw, x, "")?])
+                })?;
+                let inv = self.inv_rms(sums[0], d, eps)?;
+                let inv2 = self.b.build_float_mul(inv, inv, "")?;
+                let inv3 = self.b.build_float_mul(inv2, inv, "")?;
+                let coef = self.b.build_float_div(inv3, d, "")?;
+                vec![inv, coef, sums[1]]
+            }
+            ExprOp::Softmax => {
+                let m = self.reduce_row(r, cols, &[Red::Max], &|g, ix| Ok(vec![g.arg(x_arg, e, ix)?]))?[0];
+                let s = self.reduce_row(r, cols, &[Red::Sum], &|g, ix| {
+                    let x = g.arg(x_arg, e, ix)?;
+                    Ok(vec![g.exp(g.b.build_float_sub(x, m, "")?)?])
+                })?[0];
+                vec![m, s]
+            }
+            ExprOp::RowSum => {
+                // The argument has the row-op's input shape, not the (row-sized) result's: index it directly.
+                self.reduce_row(r, cols, &[Red::Sum], &|g, ix| Ok(vec![g.gen(x_arg, ix)?.into_float_value()]))?
+            }
+            _ => unreachable!("row_ops lists row ops only"),
+        };
+        self.stats.insert(e, stats);
+        Ok(())
+    }
+
+    fn inv_rms(&self, ss: FloatValue<'ctx>, d: FloatValue<'ctx>, eps: f64) -> Kr<FloatValue<'ctx>> {
+        let mean = self.b.build_float_div(ss, d, "")?;
+        let var = self.b.build_float_add(mean, self.f32c(eps), "")?;
+        let root = self.fcall("llvm.sqrt", &[var])?;
+        Ok(self.b.build_float_div(self.f32c(1.0), root, "inv_rms")?)
+    }
+
+    /// Argument `a` of expression `e`, read at `e`'s index `ix` (broadcast as numpy does).
+    fn arg(&mut self, a: ExprId, e: ExprId, ix: Ix<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let ix = self.map_ix(a, e, ix)?;
+        Ok(self.gen(a, ix)?.into_float_value())
+    }
+
+    fn map_ix(&self, a: ExprId, e: ExprId, ix: Ix<'ctx>) -> Kr<Ix<'ctx>> {
+        let cols = match self.nest.iteration {
+            Iteration::Rows { cols, .. } => Some(cols),
+            Iteration::Elements { .. } => None,
+        };
+        let b = &self.b;
+        Ok(match index_map(&self.nest.exprs[a].shape, &self.nest.exprs[e].shape) {
+            IndexMap::Same => ix,
+            IndexMap::Zero => Ix { lin: self.i64c(0), rc: None },
+            IndexMap::Rem(n) => match ix.rc {
+                Some((_, c)) if Some(n) == cols => Ix { lin: c, rc: None },
+                _ => Ix { lin: b.build_int_unsigned_rem(ix.lin, self.i64c(n as u64), "")?, rc: None },
+            },
+            IndexMap::Div(n) => match ix.rc {
+                Some((r, _)) if Some(n) == cols => Ix { lin: r, rc: None },
+                _ => Ix { lin: b.build_int_unsigned_div(ix.lin, self.i64c(n as u64), "")?, rc: None },
+            },
+            IndexMap::Axes(axes) => {
+                let (mut rest, mut off) = (ix.lin, self.i64c(0));
+                for (extent, stride) in axes {
+                    let ext = self.i64c(extent as u64);
+                    if stride != 0 {
+                        let coord = b.build_int_unsigned_rem(rest, ext, "")?;
+                        off = b.build_int_add(off, b.build_int_mul(coord, self.i64c(stride as u64), "")?, "")?;
+                    }
+                    rest = b.build_int_unsigned_div(rest, ext, "")?;
+                }
+                Ix { lin: off, rc: None }
+            }
+        })
+    }
+
+    /// Computes AdamW's per-step factors once, at kernel entry.
+    fn hoist(&mut self) -> Kr<()> {
+        let zero = Ix { lin: self.i64c(0), rc: None };
+        let nest = self.nest;
+        for e in 0..nest.exprs.len() {
+            let expr = &nest.exprs[e];
+            let ExprOp::AdamWUpdate { beta1, beta2, weight_decay, .. } = expr.op else { continue };
+            let (lr_arg, step_arg) = (expr.args[3], expr.args[4]);
+            let lr = self.gen(lr_arg, zero)?.into_float_value();
+            let lr = self.b.build_float_ext(lr, self.ctx.f64_type(), "lr")?;
+            let t = self.gen(step_arg, zero)?.into_int_value();
+            let p1 = self.powi(beta1, t)?;
+            let p2 = self.powi(beta2, t)?;
+            let b = &self.b;
+            let bc1 = b.build_float_sub(self.f64c(1.0), p1, "bc1")?;
+            let bc2 = b.build_float_sub(self.f64c(1.0), p2, "")?;
+            let bc2_sqrt = self.fcall("llvm.sqrt", &[bc2])?;
+            let decay = b.build_float_sub(self.f64c(1.0), b.build_float_mul(lr, self.f64c(weight_decay), "")?, "")?;
+            let step_size = b.build_float_div(lr, bc1, "")?;
+            self.hoisted.insert(e, vec![decay, step_size, bc2_sqrt]);
+        }
+        self.memo.clear();
+        Ok(())
+    }
+
+    /// `base^t` for i32 `t` ≥ 0, by the same square-and-multiply as compiler-rt's `__powidf2` (what Rust's `powi`
+    /// calls), so the result is bit-identical to the interpreter's.
+    fn powi(&mut self, base: f64, t: IntValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let f64t = self.ctx.f64_type();
+        let pre = self.b.get_insert_block().expect("positioned");
+        let body = self.ctx.append_basic_block(self.func, "powi");
+        let exit = self.ctx.append_basic_block(self.func, "powi.done");
+        self.b.build_unconditional_branch(body)?;
+        self.b.position_at_end(body);
+        let (r, a, bb) =
+            (self.b.build_phi(f64t, "r")?, self.b.build_phi(f64t, "a")?, self.b.build_phi(t.get_type(), "b")?);
+        let (rv, av, bv) = (
+            r.as_basic_value().into_float_value(),
+            a.as_basic_value().into_float_value(),
+            bb.as_basic_value().into_int_value(),
+        );
+        let odd =
+            self.b.build_int_compare(IntPredicate::NE, self.b.build_and(bv, self.i32c(1), "")?, self.i32c(0), "")?;
+        let ra = self.b.build_float_mul(rv, av, "")?;
+        let r2 = self.b.build_select(odd, ra, rv, "")?.into_float_value();
+        let b2 = self.b.build_int_signed_div(bv, self.i32c(2), "")?;
+        let a2 = self.b.build_float_mul(av, av, "")?;
+        let done = self.b.build_int_compare(IntPredicate::EQ, b2, self.i32c(0), "")?;
+        self.b.build_conditional_branch(done, exit, body)?;
+        r.add_incoming(&[(&self.f64c(1.0), pre), (&r2, body)]);
+        a.add_incoming(&[(&self.f64c(base), pre), (&a2, body)]);
+        bb.add_incoming(&[(&t, pre), (&b2, body)]);
+        self.b.position_at_end(exit);
+        Ok(r2)
+    }
+
+    /// The value of expression `e` at linear index `ix` of its shape.
+    fn gen(&mut self, e: ExprId, ix: Ix<'ctx>) -> Kr<BasicValueEnum<'ctx>> {
+        if let Some(&v) = self.memo.get(&(e, ix.lin)) {
+            return Ok(v);
+        }
+        let expr = self.nest.exprs[e].clone();
+        let v: BasicValueEnum = match &expr.op {
+            ExprOp::Load { buffer } => {
+                let ty: BasicTypeEnum = match self.nest.buffers[*buffer].elem {
+                    Elem::F32 => self.ctx.f32_type().into(),
+                    Elem::I32 => self.ctx.i32_type().into(),
+                };
+                // SAFETY: ix.lin indexes the buffer's shape (the nest's index maps stay in bounds).
+                let p = unsafe { self.b.build_in_bounds_gep(ty, self.bufs[*buffer], &[ix.lin], "")? };
+                self.b.build_load(ty, p, "")?
+            }
+            ExprOp::Scalar { value, elem: Elem::F32 } => self.f32c(*value).into(),
+            ExprOp::Scalar { value, elem: Elem::I32 } => self.i32c(*value as i64).into(),
+            ExprOp::View => self.gen(expr.args[0], ix)?,
+            ExprOp::RowSum => self.stats[&e][0].into(),
+            op => {
+                let mut args = Vec::with_capacity(expr.args.len());
+                for &a in &expr.args {
+                    let aix = self.map_ix(a, e, ix)?;
+                    args.push(self.gen(a, aix)?);
+                }
+                self.compute(e, op, &args, ix)?
+            }
+        };
+        self.memo.insert((e, ix.lin), v);
+        Ok(v)
+    }
+
+    fn compute(
+        &mut self,
+        e: ExprId,
+        op: &ExprOp,
+        args: &[BasicValueEnum<'ctx>],
+        ix: Ix<'ctx>,
+    ) -> Kr<BasicValueEnum<'ctx>> {
+        let f = |k: usize| args[k].into_float_value();
+        let b = &self.b;
+        let one = self.f32c(1.0);
+        let v = match op {
+            ExprOp::Broadcast => f(0),
+            ExprOp::Add => b.build_float_add(f(0), f(1), "")?,
+            ExprOp::Sub => b.build_float_sub(f(0), f(1), "")?,
+            ExprOp::Mul => b.build_float_mul(f(0), f(1), "")?,
+            ExprOp::Div => b.build_float_div(f(0), f(1), "")?,
+            ExprOp::Minimum => self.fcall("llvm.minnum", &[f(0), f(1)])?,
+            ExprOp::Maximum => self.fcall("llvm.maxnum", &[f(0), f(1)])?,
+            ExprOp::Neg => b.build_float_neg(f(0), "")?,
+            ExprOp::Exp => self.exp(f(0))?,
+            ExprOp::Log => self.log(f(0))?,
+            ExprOp::Sqrt => self.fcall("llvm.sqrt", &[f(0)])?,
+            ExprOp::Rsqrt => {
+                let root = self.fcall("llvm.sqrt", &[f(0)])?;
+                self.b.build_float_div(one, root, "")?
+            }
+            ExprOp::Sigmoid => self.sigmoid(f(0))?,
+            ExprOp::Silu => {
+                let s = self.sigmoid(f(0))?;
+                self.b.build_float_mul(f(0), s, "")?
+            }
+            ExprOp::SiluBwd => {
+                // dy · σ(x)·(1 + x·(1 − σ(x)))
+                let (dy, x) = (f(0), f(1));
+                let s = self.sigmoid(x)?;
+                let b = &self.b;
+                let t = b.build_float_add(one, b.build_float_mul(x, b.build_float_sub(one, s, "")?, "")?, "")?;
+                b.build_float_mul(b.build_float_mul(dy, s, "")?, t, "")?
+            }
+            ExprOp::Swiglu => {
+                let s = self.sigmoid(f(0))?;
+                let b = &self.b;
+                b.build_float_mul(b.build_float_mul(f(0), s, "")?, f(1), "")?
+            }
+            ExprOp::Scale { c } => {
+                let x = b.build_float_ext(f(0), self.ctx.f64_type(), "")?;
+                b.build_float_trunc(b.build_float_mul(self.f64c(*c), x, "")?, self.ctx.f32_type(), "")?
+            }
+            ExprOp::Dropout { p, seed } => self.dropout(f(0), args[1].into_int_value(), ix.lin, *p, *seed)?,
+            ExprOp::AdamWMoment { beta, square } => {
+                let f64t = self.ctx.f64_type();
+                let m = b.build_float_ext(f(0), f64t, "")?;
+                let g = b.build_float_ext(f(1), f64t, "")?;
+                let g = if *square { b.build_float_mul(g, g, "")? } else { g };
+                let t1 = b.build_float_mul(self.f64c(*beta), m, "")?;
+                let t2 = b.build_float_mul(self.f64c(1.0 - beta), g, "")?;
+                b.build_float_trunc(b.build_float_add(t1, t2, "")?, self.ctx.f32_type(), "")?
+            }
+            ExprOp::AdamWUpdate { eps, .. } => {
+                let h = self.hoisted[&e].clone();
+                let f64t = self.ctx.f64_type();
+                let (p, m, v) = (
+                    b.build_float_ext(f(0), f64t, "")?,
+                    b.build_float_ext(f(1), f64t, "")?,
+                    b.build_float_ext(f(2), f64t, "")?,
+                );
+                let decayed = b.build_float_mul(p, h[0], "")?;
+                let root = self.fcall("llvm.sqrt", &[v])?;
+                let b = &self.b;
+                let denom = b.build_float_add(b.build_float_div(root, h[2], "")?, self.f64c(*eps), "")?;
+                let upd = b.build_float_div(b.build_float_mul(h[1], m, "")?, denom, "")?;
+                b.build_float_trunc(b.build_float_sub(decayed, upd, "")?, self.ctx.f32_type(), "")?
+            }
+            ExprOp::RmsNorm { .. } => {
+                let inv = self.stats[&e][0];
+                b.build_float_mul(b.build_float_mul(f(0), inv, "")?, f(1), "")?
+            }
+            ExprOp::RmsNormBwdX { .. } => {
+                let (dy, x, w) = (f(0), f(1), f(2));
+                let s = &self.stats[&e];
+                let first = b.build_float_mul(b.build_float_mul(s[0], w, "")?, dy, "")?;
+                let second = b.build_float_mul(b.build_float_mul(s[1], x, "")?, s[2], "")?;
+                b.build_float_sub(first, second, "")?
+            }
+            ExprOp::Softmax => {
+                let s = self.stats[&e].clone();
+                let z = self.exp(self.b.build_float_sub(f(0), s[0], "")?)?;
+                self.b.build_float_div(z, s[1], "")?
+            }
+            ExprOp::Load { .. } | ExprOp::Scalar { .. } | ExprOp::View | ExprOp::RowSum => {
+                unreachable!("handled by gen")
+            }
+        };
+        Ok(v.as_basic_value_enum())
+    }
+
+    fn sigmoid(&self, x: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let e = self.exp(self.b.build_float_neg(x, "")?)?;
+        let one = self.f32c(1.0);
+        Ok(self.b.build_float_div(one, self.b.build_float_add(one, e, "")?, "")?)
+    }
+
+    /// Horner evaluation of `coeffs` (highest degree first) at `x`.
+    fn poly(&self, x: FloatValue<'ctx>, coeffs: &[f64]) -> Kr<FloatValue<'ctx>> {
+        let mut acc = self.f32c(coeffs[0]);
+        for &c in &coeffs[1..] {
+            acc = self.b.build_float_add(self.b.build_float_mul(acc, x, "")?, self.f32c(c), "")?;
+        }
+        Ok(acc)
+    }
+
+    /// eˣ in f32 (Cephes `expf`: x = n·ln2 + r, a degree-6 polynomial in r, scaling by 2ⁿ in two steps so results
+    /// that are subnormal or overflow come out right).
+    fn exp(&self, x: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let (b, i32t, f32t) = (&self.b, self.ctx.i32_type(), self.ctx.f32_type());
+        let clamped =
+            self.fcall("llvm.minnum", &[self.fcall("llvm.maxnum", &[x, self.f32c(-104.0)])?, self.f32c(89.0)])?;
+        let n = self.fcall("llvm.rint", &[b.build_float_mul(clamped, self.f32c(std::f64::consts::LOG2_E), "")?])?;
+        let r = b.build_float_sub(clamped, b.build_float_mul(n, self.f32c(0.693359375), "")?, "")?;
+        let r = b.build_float_sub(r, b.build_float_mul(n, self.f32c(-2.12194440e-4), "")?, "")?;
+        let p = self.poly(
+            r,
+            &[1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1],
+        )?;
+        let y = b.build_float_add(
+            b.build_float_add(b.build_float_mul(p, b.build_float_mul(r, r, "")?, "")?, r, "")?,
+            self.f32c(1.0),
+            "",
+        )?;
+        let ni = b.build_float_to_signed_int(n, i32t, "")?;
+        let n1 = b.build_right_shift(ni, self.i32c(1), true, "")?;
+        let n2 = b.build_int_sub(ni, n1, "")?;
+        let pow2 = |k: IntValue<'ctx>| -> Kr<FloatValue<'ctx>> {
+            let bits = b.build_left_shift(b.build_int_add(k, self.i32c(127), "")?, self.i32c(23), "")?;
+            Ok(b.build_bit_cast(bits, f32t, "")?.into_float_value())
+        };
+        let scaled = b.build_float_mul(b.build_float_mul(y, pow2(n1)?, "")?, pow2(n2)?, "")?;
+        let nan = b.build_float_compare(FloatPredicate::UNO, x, x, "")?;
+        Ok(b.build_select(nan, x, scaled, "exp")?.into_float_value())
+    }
+
+    /// ln x in f32 (Cephes `logf`: x = m·2ᵉ with m in [√½, √2), a degree-9 polynomial in m − 1).
+    fn log(&self, x: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let (b, i32t, f32t) = (&self.b, self.ctx.i32_type(), self.ctx.f32_type());
+        let small = b.build_float_compare(FloatPredicate::OLT, x, self.f32c(f32::MIN_POSITIVE as f64), "")?;
+        let xs = b.build_select(small, b.build_float_mul(x, self.f32c(8388608.0), "")?, x, "")?.into_float_value();
+        let eoff = b.build_select(small, self.i32c(-23), self.i32c(0), "")?.into_int_value();
+        let bits = b.build_bit_cast(xs, i32t, "")?.into_int_value();
+        let biased = b.build_and(b.build_right_shift(bits, self.i32c(23), false, "")?, self.i32c(0xff), "")?;
+        let e = b.build_int_add(b.build_int_sub(biased, self.i32c(126), "")?, eoff, "")?;
+        let mbits = b.build_or(b.build_and(bits, self.i32c(0x807f_ffff), "")?, self.i32c(0x3f00_0000), "")?;
+        let m = b.build_bit_cast(mbits, f32t, "")?.into_float_value();
+        let lt = b.build_float_compare(FloatPredicate::OLT, m, self.f32c(std::f64::consts::FRAC_1_SQRT_2), "")?;
+        let e = b.build_int_sub(e, b.build_int_z_extend(lt, i32t, "")?, "")?;
+        let one = self.f32c(1.0);
+        let t = b.build_select(
+            lt,
+            b.build_float_sub(b.build_float_add(m, m, "")?, one, "")?,
+            b.build_float_sub(m, one, "")?,
+            "",
+        )?;
+        let t = t.into_float_value();
+        let fe = b.build_signed_int_to_float(e, f32t, "")?;
+        let z = b.build_float_mul(t, t, "")?;
+        let p = self.poly(
+            t,
+            &[
+                7.0376836292e-2,
+                -1.1514610310e-1,
+                1.1676998740e-1,
+                -1.2420140846e-1,
+                1.4249322787e-1,
+                -1.6668057665e-1,
+                2.0000714765e-1,
+                -2.4999993993e-1,
+                3.3333331174e-1,
+            ],
+        )?;
+        let y = b.build_float_mul(b.build_float_mul(p, t, "")?, z, "")?;
+        let y = b.build_float_add(y, b.build_float_mul(fe, self.f32c(-2.12194440e-4), "")?, "")?;
+        let y = b.build_float_sub(y, b.build_float_mul(z, self.f32c(0.5), "")?, "")?;
+        let r = b.build_float_add(t, y, "")?;
+        let r = b.build_float_add(r, b.build_float_mul(fe, self.f32c(0.693359375), "")?, "")?;
+        let inf = self.f32c(f64::INFINITY);
+        let is_inf = b.build_float_compare(FloatPredicate::OEQ, x, inf, "")?;
+        let r = b.build_select(is_inf, inf, r, "")?.into_float_value();
+        let is_zero = b.build_float_compare(FloatPredicate::OEQ, x, self.f32c(0.0), "")?;
+        let r = b.build_select(is_zero, self.f32c(f64::NEG_INFINITY), r, "")?.into_float_value();
+        let bad = b.build_float_compare(FloatPredicate::ULT, x, self.f32c(0.0), "")?;
+        Ok(b.build_select(bad, self.f32c(f64::NAN), r, "log")?.into_float_value())
+    }
+
+    /// SplitMix64's finaliser (`ir::rng::mix64`) on an i64.
+    fn mix64(&self, z: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
+        let b = &self.b;
+        let step = |z: IntValue<'ctx>, shift: u64, mul: Option<u64>| -> Kr<IntValue<'ctx>> {
+            let x = b.build_xor(z, b.build_right_shift(z, self.i64c(shift), false, "")?, "")?;
+            Ok(match mul {
+                Some(m) => b.build_int_mul(x, self.i64c(m), "")?,
+                None => x,
+            })
+        };
+        let z = step(z, 30, Some(0xbf58_476d_1ce4_e5b9))?;
+        let z = step(z, 27, Some(0x94d0_49bb_1331_11eb))?;
+        step(z, 31, None)
+    }
+
+    /// Inverted dropout with `ir::rng`'s counter-based mask; the scaling is done in f64 and rounded once, as the
+    /// interpreter does, so the result is bit-identical.
+    fn dropout(
+        &self,
+        x: FloatValue<'ctx>,
+        step: IntValue<'ctx>,
+        index: IntValue<'ctx>,
+        p: f64,
+        seed: u64,
+    ) -> Kr<FloatValue<'ctx>> {
+        let (b, f64t) = (&self.b, self.ctx.f64_type());
+        let seed_mix = self.i64c(ir::rng::mix64(seed ^ 0x9e37_79b9_7f4a_7c15));
+        let step = self.mix64(b.build_int_s_extend(step, self.ctx.i64_type(), "")?)?;
+        let idx = b.build_int_mul(index, self.i64c(0xd6e8_feb8_6659_fd93), "")?;
+        let h = self.mix64(b.build_int_add(b.build_int_add(seed_mix, step, "")?, idx, "")?)?;
+        let bits = b.build_right_shift(h, self.i64c(40), false, "")?;
+        let u = b.build_float_mul(
+            b.build_unsigned_int_to_float(bits, f64t, "")?,
+            self.f64c(1.0 / (1u64 << 24) as f64),
+            "",
+        )?;
+        let keep = b.build_float_compare(FloatPredicate::OGE, u, self.f64c(p), "keep")?;
+        let scaled = b.build_float_mul(b.build_float_ext(x, f64t, "")?, self.f64c(1.0 / (1.0 - p)), "")?;
+        let scaled = b.build_float_trunc(scaled, self.ctx.f32_type(), "")?;
+        Ok(b.build_select(keep, scaled, self.f32c(0.0), "dropout")?.into_float_value())
+    }
+}

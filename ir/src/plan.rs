@@ -1,0 +1,603 @@
+//! The plan file (`plan.bin`): everything a runtime needs to run a compiled recipe's training step — the optimized
+//! graph with its kernels in schedule order, the memory plan, parameter and input bindings, kernel code, the training
+//! and adapter settings — as one versioned, checksummed binary file.
+//!
+//! Layout: the 8-byte magic `TUNECPLN`, the format version (u32 LE), the payload's length (u64 LE), the CRC-32 of the
+//! payload (u32 LE), then the payload: a postcard encoding of [`Payload`]. The graph travels in its stable text form
+//! (`ir::text`) and is parsed and verified on load; parameter and input bindings are derived from it rather than
+//! stored twice, so a plan cannot disagree with its own graph.
+//!
+//! The types here are plain data: the CLI converts the front end's and the passes' types into a [`PlanSource`] and
+//! calls [`build_plan`]; the runtime only needs `ir` to read a plan.
+
+use crate::attr::{Init, Role};
+use crate::graph::{Graph, ValueId};
+use crate::ops::Op;
+use crate::types::DType;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+/// The first eight bytes of every plan file.
+pub const MAGIC: [u8; 8] = *b"TUNECPLN";
+/// The version of the payload's layout this tunec writes and reads. Bump it on any change to [`Payload`] or to the
+/// meaning of a field; older or newer plans are refused with [`PlanError::Version`].
+pub const FORMAT_VERSION: u32 = 1;
+/// Magic + version + payload length + checksum.
+pub const HEADER_BYTES: usize = 8 + 4 + 8 + 4;
+/// The tunec release that writes plans (all crates share the workspace version).
+pub const TUNEC_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Everything wrong a plan file can be; each message says what was expected and what was found.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("not a tunec plan: the file starts with \"{}\", a plan with \"TUNECPLN\"", found.escape_ascii())]
+    NotAPlan { found: Vec<u8> },
+    #[error(
+        "plan format version {found}, but this tunec ({TUNEC_VERSION}) reads version {expected}: recompile the \
+         recipe with this tunec"
+    )]
+    Version { found: u32, expected: u32 },
+    #[error("truncated plan: expected {expected} bytes, found {found}")]
+    Truncated { expected: u64, found: u64 },
+    #[error("the plan has {} bytes after its payload (expected {expected} bytes, found {found})", found - expected)]
+    TrailingBytes { expected: u64, found: u64 },
+    #[error("checksum mismatch (stored {stored:08x}, computed {computed:08x}): the plan is corrupt")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("cannot decode the plan's payload: {0}")]
+    Decode(String),
+    #[error("cannot encode the plan: {0}")]
+    Encode(String),
+    #[error("the plan's graph does not verify: {0}")]
+    Graph(String),
+    #[error("inconsistent plan: {0}")]
+    Inconsistent(String),
+}
+
+/// Where a buffer lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Region {
+    /// Parameters, optimizer states and inputs: allocated once, kept across steps.
+    Persistent,
+    /// Transient values, packed into one arena by lifetime.
+    Arena,
+}
+
+/// One allocation of the memory plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanBuffer {
+    pub region: Region,
+    /// Offset within its region, bytes.
+    pub offset: u64,
+    /// Reserved bytes (aligned).
+    pub bytes: u64,
+    /// First and last kernel (inclusive) during which it holds a needed value; the kernel count means "after the
+    /// last kernel".
+    pub start: u64,
+    pub end: u64,
+    /// The value it was allocated for (index of a graph node).
+    pub first: u32,
+}
+
+/// How one value (graph node) is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ValuePlacement {
+    /// No memory of its own (lives inside its kernel, a folded constant, or unused).
+    None,
+    /// Owns this buffer (index into [`Plan::buffers`]).
+    Owns(u32),
+    /// A view: shares the buffer of this value.
+    Alias(u32),
+    /// Written into `buffer`, which held value `of` until then.
+    InPlace { of: u32, buffer: u32 },
+}
+
+/// A parameter (or optimizer state) the runtime loads, initializes or keeps: derived from the graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamBinding {
+    /// The Hugging Face name (`model.layers.0.self_attn.q_proj.weight`).
+    pub name: String,
+    pub value: ValueId,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub role: Role,
+    pub init: Init,
+    /// Storage bytes (NF4 packing and scales included).
+    pub bytes: u64,
+}
+
+/// A per-step input the runtime feeds (token ids, labels, the learning rate, the step counter): derived from the graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputBinding {
+    pub name: String,
+    pub value: ValueId,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// The code of one kernel, in the order of the graph's kernels (the schedule). Codegen fills it; empty until then.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KernelCode {
+    pub name: String,
+    /// PTX text per SM architecture (`80` → sm_80).
+    pub ptx: BTreeMap<u32, String>,
+    /// The kernel's LLVM IR, as text.
+    pub llvm_ir: Option<String>,
+    /// A host object file for the CPU backend.
+    #[serde(with = "serde_bytes")]
+    pub host_object: Option<Vec<u8>>,
+}
+
+/// The training settings of the recipe.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    pub seq_len: u64,
+    pub micro_batch: u64,
+    pub lr: f64,
+    pub steps: u64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub grad_accum: u64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Steps between evaluations; 0 = never.
+    pub eval_every: u64,
+    /// Steps between checkpoints; 0 = never.
+    pub save_every: u64,
+}
+
+/// What PEFT's `adapter_config.json` needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterSettings {
+    /// `lora`, `qlora`, `dora`, `qdora`.
+    pub method: String,
+    pub r: u64,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Short module names, sorted (`["k_proj", "q_proj", ..]`).
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+}
+
+/// A compiled training step, ready for a runtime.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub format_version: u32,
+    pub tunec_version: String,
+    /// The recipe's name (`tiny.qlora`).
+    pub recipe: String,
+    /// The target the cost model optimized for (`h100`, `cpu`).
+    pub target: String,
+    /// The optimized training step; `graph.kernels` are the kernels in schedule order.
+    pub graph: Graph,
+    /// The memory plan: one placement per graph node.
+    pub values: Vec<ValuePlacement>,
+    pub buffers: Vec<PlanBuffer>,
+    pub arena_bytes: u64,
+    pub persistent_bytes: u64,
+    /// Derived from `graph` (parameters in node order).
+    pub params: Vec<ParamBinding>,
+    /// Derived from `graph` (inputs in node order).
+    pub inputs: Vec<InputBinding>,
+    /// One per `graph.kernels` entry, same order and names.
+    pub kernels: Vec<KernelCode>,
+    /// A shared object with the host code for the CPU backend.
+    pub host_library: Option<Vec<u8>>,
+    pub train: TrainSettings,
+    pub peft: Option<AdapterSettings>,
+    /// The architecture's config as `(field, JSON value)` pairs, `arch` first.
+    pub model_config: Vec<(String, String)>,
+}
+
+/// What the encoded payload holds (everything in [`Plan`] that is not derived from the graph).
+#[derive(Serialize, Deserialize)]
+struct Payload {
+    tunec_version: String,
+    recipe: String,
+    target: String,
+    /// `ir::text::print` of the graph.
+    graph: String,
+    values: Vec<ValuePlacement>,
+    buffers: Vec<PlanBuffer>,
+    arena_bytes: u64,
+    persistent_bytes: u64,
+    kernels: Vec<KernelCode>,
+    #[serde(with = "serde_bytes")]
+    host_library: Option<Vec<u8>>,
+    train: TrainSettings,
+    peft: Option<AdapterSettings>,
+    model_config: Vec<(String, String)>,
+}
+
+/// What [`build_plan`] needs, in plain data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanSource {
+    pub recipe: String,
+    pub target: String,
+    /// The optimized, scheduled training step.
+    pub graph: Graph,
+    pub values: Vec<ValuePlacement>,
+    pub buffers: Vec<PlanBuffer>,
+    pub arena_bytes: u64,
+    pub persistent_bytes: u64,
+    pub train: TrainSettings,
+    pub peft: Option<AdapterSettings>,
+    pub model_config: Vec<(String, String)>,
+}
+
+/// Assembles a plan: bindings from the graph, one (empty) [`KernelCode`] per kernel; checks it for consistency.
+pub fn build_plan(src: PlanSource) -> Result<Plan, PlanError> {
+    let kernels = src.graph.kernels.iter().map(|k| KernelCode { name: k.name.clone(), ..KernelCode::default() });
+    let plan = Plan {
+        format_version: FORMAT_VERSION,
+        tunec_version: TUNEC_VERSION.to_string(),
+        recipe: src.recipe,
+        target: src.target,
+        params: param_bindings(&src.graph),
+        inputs: input_bindings(&src.graph),
+        kernels: kernels.collect(),
+        graph: src.graph,
+        values: src.values,
+        buffers: src.buffers,
+        arena_bytes: src.arena_bytes,
+        persistent_bytes: src.persistent_bytes,
+        host_library: None,
+        train: src.train,
+        peft: src.peft,
+        model_config: src.model_config,
+    };
+    crate::verify::verify(&plan.graph).map_err(|e| PlanError::Graph(e.to_string()))?;
+    plan.check()?;
+    Ok(plan)
+}
+
+fn param_bindings(g: &Graph) -> Vec<ParamBinding> {
+    g.ids()
+        .filter_map(|v| {
+            let node = g.node(v);
+            match &node.op {
+                Op::Param { name, role, init } => Some(ParamBinding {
+                    name: name.clone(),
+                    value: v,
+                    dtype: node.ty.dtype,
+                    shape: node.ty.shape.clone(),
+                    role: *role,
+                    init: init.clone(),
+                    bytes: node.ty.bytes() as u64,
+                }),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn input_bindings(g: &Graph) -> Vec<InputBinding> {
+    g.inputs()
+        .into_iter()
+        .map(|(v, name)| InputBinding {
+            name: name.to_string(),
+            value: v,
+            dtype: g.ty(v).dtype,
+            shape: g.ty(v).shape.clone(),
+        })
+        .collect()
+}
+
+impl Plan {
+    /// The whole file: header and payload.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, PlanError> {
+        let payload = Payload {
+            tunec_version: self.tunec_version.clone(),
+            recipe: self.recipe.clone(),
+            target: self.target.clone(),
+            graph: crate::text::print(&self.graph),
+            values: self.values.clone(),
+            buffers: self.buffers.clone(),
+            arena_bytes: self.arena_bytes,
+            persistent_bytes: self.persistent_bytes,
+            kernels: self.kernels.clone(),
+            host_library: self.host_library.clone(),
+            train: self.train.clone(),
+            peft: self.peft.clone(),
+            model_config: self.model_config.clone(),
+        };
+        let body = postcard::to_allocvec(&payload).map_err(|e| PlanError::Encode(e.to_string()))?;
+        let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&self.format_version.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Reads a plan from the bytes of a plan file, checking everything in the order a reader would want to be told:
+    /// what the file is, its version, its size, its checksum, its payload, its graph, its internal consistency.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Plan, PlanError> {
+        let found = bytes.len() as u64;
+        let magic_len = bytes.len().min(MAGIC.len());
+        if bytes[..magic_len] != MAGIC[..magic_len] {
+            return Err(PlanError::NotAPlan { found: bytes[..magic_len].to_vec() });
+        }
+        if bytes.len() < HEADER_BYTES {
+            return Err(PlanError::Truncated { expected: HEADER_BYTES as u64, found });
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let version = u32_at(8);
+        if version != FORMAT_VERSION {
+            return Err(PlanError::Version { found: version, expected: FORMAT_VERSION });
+        }
+        let payload_len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+        let expected = payload_len.saturating_add(HEADER_BYTES as u64);
+        if found < expected {
+            return Err(PlanError::Truncated { expected, found });
+        }
+        if found > expected {
+            return Err(PlanError::TrailingBytes { expected, found });
+        }
+        let body = &bytes[HEADER_BYTES..];
+        let (stored, computed) = (u32_at(20), crc32fast::hash(body));
+        if stored != computed {
+            return Err(PlanError::Checksum { stored, computed });
+        }
+        let (p, rest): (Payload, &[u8]) =
+            postcard::take_from_bytes(body).map_err(|e| PlanError::Decode(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(PlanError::Decode(format!("{} bytes left over after the payload", rest.len())));
+        }
+        let graph = crate::text::parse(&p.graph).map_err(|e| PlanError::Graph(format!("line {e}")))?;
+        crate::verify::verify(&graph).map_err(|e| PlanError::Graph(e.to_string()))?;
+        let plan = Plan {
+            format_version: version,
+            tunec_version: p.tunec_version,
+            recipe: p.recipe,
+            target: p.target,
+            params: param_bindings(&graph),
+            inputs: input_bindings(&graph),
+            graph,
+            values: p.values,
+            buffers: p.buffers,
+            arena_bytes: p.arena_bytes,
+            persistent_bytes: p.persistent_bytes,
+            kernels: p.kernels,
+            host_library: p.host_library,
+            train: p.train,
+            peft: p.peft,
+            model_config: p.model_config,
+        };
+        plan.check()?;
+        Ok(plan)
+    }
+
+    /// Writes the plan atomically (a temporary file in the same directory, renamed over `path`); returns its size.
+    pub fn write(&self, path: &Path) -> Result<u64, PlanError> {
+        let bytes = self.to_bytes()?;
+        let io = |source| PlanError::Io { path: path.to_path_buf(), source };
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let mut tmp = tempfile::Builder::new().prefix(".tunec-plan-").suffix(".tmp").tempfile_in(dir).map_err(io)?;
+        // A temporary file is private (0600); a plan is an ordinary file like any other the compiler writes.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+        }
+        tmp.write_all(&bytes).map_err(io)?;
+        tmp.as_file().sync_all().map_err(io)?;
+        tmp.persist(path).map_err(|e| io(e.error))?;
+        Ok(bytes.len() as u64)
+    }
+
+    /// Reads and checks a plan file.
+    pub fn read(path: &Path) -> Result<Plan, PlanError> {
+        let bytes = std::fs::read(path).map_err(|source| PlanError::Io { path: path.to_path_buf(), source })?;
+        Plan::from_bytes(&bytes)
+    }
+
+    /// Checks what the verifier does not: the memory plan and the kernel code against the graph.
+    pub fn check(&self) -> Result<(), PlanError> {
+        let bad = |m: String| Err(PlanError::Inconsistent(m));
+        let (nodes, buffers) = (self.graph.nodes.len(), self.buffers.len());
+        if self.values.len() != nodes {
+            return bad(format!("{} value placements for {nodes} graph nodes", self.values.len()));
+        }
+        for (v, p) in self.values.iter().enumerate() {
+            let ok = match *p {
+                ValuePlacement::None => true,
+                ValuePlacement::Owns(b) => (b as usize) < buffers,
+                ValuePlacement::Alias(of) => (of as usize) < nodes,
+                ValuePlacement::InPlace { of, buffer } => (of as usize) < nodes && (buffer as usize) < buffers,
+            };
+            if !ok {
+                return bad(format!(
+                    "value %{v} is placed at {p:?}, but there are {buffers} buffers and {nodes} values"
+                ));
+            }
+        }
+        for (i, b) in self.buffers.iter().enumerate() {
+            let limit = match b.region {
+                Region::Persistent => self.persistent_bytes,
+                Region::Arena => self.arena_bytes,
+            };
+            if b.offset.checked_add(b.bytes).is_none_or(|end| end > limit) || b.first as usize >= nodes {
+                return bad(format!(
+                    "buffer {i} ({:?}, offset {}, {} bytes, for %{}) lies outside its region of {limit} bytes or \
+                     names a missing value",
+                    b.region, b.offset, b.bytes, b.first
+                ));
+            }
+        }
+        if self.kernels.len() != self.graph.kernels.len() {
+            return bad(format!(
+                "code for {} kernels, but the graph has {}",
+                self.kernels.len(),
+                self.graph.kernels.len()
+            ));
+        }
+        if let Some((i, (code, k))) =
+            self.kernels.iter().zip(&self.graph.kernels).enumerate().find(|(_, (c, k))| c.name != k.name)
+        {
+            return bad(format!("kernel {i} is `{}` in the graph but its code is for `{}`", k.name, code.name));
+        }
+        Ok(())
+    }
+
+    /// A readable account of the plan, for `tunec inspect`.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let g = &self.graph;
+        let _ = writeln!(
+            s,
+            "plan {} for {} (plan format {}, written by tunec {})",
+            self.recipe, self.target, self.format_version, self.tunec_version
+        );
+        let _ = writeln!(
+            s,
+            "graph \"{}\": {} nodes, {} outputs, {} kernels",
+            g.name,
+            g.nodes.len(),
+            g.outputs.len(),
+            g.kernels.len()
+        );
+        // Kernels by kind: the name up to its first ':' (the anchor op).
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        for k in &g.kernels {
+            *kinds.entry(k.name.split(':').next().unwrap_or(&k.name)).or_default() += 1;
+        }
+        if !kinds.is_empty() {
+            let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            let _ = writeln!(s, "  kernels by kind: {}", list.join(", "));
+        }
+
+        let total: u64 = self.params.iter().map(|p| p.bytes).sum();
+        let _ = writeln!(s, "parameters: {} ({})", self.params.len(), human(total));
+        for role in [Role::Frozen, Role::Trainable, Role::State] {
+            let of_role: Vec<&ParamBinding> = self.params.iter().filter(|p| p.role == role).collect();
+            if of_role.is_empty() {
+                continue;
+            }
+            let mut by_dtype: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+            for p in &of_role {
+                let e = by_dtype.entry(p.dtype.to_string()).or_default();
+                e.0 += 1;
+                e.1 += p.bytes;
+            }
+            let bytes: u64 = of_role.iter().map(|p| p.bytes).sum();
+            let list: Vec<String> = by_dtype.iter().map(|(d, (n, b))| format!("{d} ×{n} {}", human(*b))).collect();
+            let role = match role {
+                Role::Frozen => "frozen",
+                Role::Trainable => "trainable",
+                Role::State => "optimizer state",
+            };
+            let _ = writeln!(s, "  {role:<16} {:>5}  {:>11}  ({})", of_role.len(), human(bytes), list.join(", "));
+        }
+        let inputs: Vec<String> = self
+            .inputs
+            .iter()
+            .map(|i| format!("{} {}", i.name, crate::types::Type::new(i.dtype, i.shape.clone())))
+            .collect();
+        let _ = writeln!(s, "inputs: {}", if inputs.is_empty() { "none".to_string() } else { inputs.join(", ") });
+
+        let arena = self.buffers.iter().filter(|b| b.region == Region::Arena).count();
+        let in_place = self.values.iter().filter(|p| matches!(p, ValuePlacement::InPlace { .. })).count();
+        let _ = writeln!(
+            s,
+            "memory: persistent {}, arena {} ({} buffers: {} persistent, {arena} arena; {in_place} values in place)",
+            human(self.persistent_bytes),
+            human(self.arena_bytes),
+            self.buffers.len(),
+            self.buffers.len() - arena,
+        );
+
+        let mut archs: BTreeMap<u32, usize> = BTreeMap::new();
+        for k in &self.kernels {
+            for sm in k.ptx.keys() {
+                *archs.entry(*sm).or_default() += 1;
+            }
+        }
+        let ptx = if archs.is_empty() {
+            "none".to_string()
+        } else {
+            archs.iter().map(|(sm, n)| format!("sm_{sm} ({n} kernels)")).collect::<Vec<_>>().join(", ")
+        };
+        let llvm = self.kernels.iter().filter(|k| k.llvm_ir.is_some()).count();
+        let objects: Vec<usize> = self.kernels.iter().filter_map(|k| k.host_object.as_ref().map(Vec::len)).collect();
+        let host = match &self.host_library {
+            Some(lib) => human(lib.len() as u64),
+            None => "none".to_string(),
+        };
+        let _ = writeln!(
+            s,
+            "code: PTX {ptx}; LLVM IR for {llvm} kernels; host objects for {} kernels ({}); host library {host}",
+            objects.len(),
+            human(objects.iter().sum::<usize>() as u64)
+        );
+
+        let t = &self.train;
+        let _ = writeln!(
+            s,
+            "train: seq_len {}, micro_batch {}, grad_accum {}, lr {:?}, steps {}, warmup {}, weight_decay {:?}, \
+             betas ({:?}, {:?}), eps {:?}, max_grad_norm {:?}, seed {}, eval_every {}, save_every {}",
+            t.seq_len,
+            t.micro_batch,
+            t.grad_accum,
+            t.lr,
+            t.steps,
+            t.warmup_steps,
+            t.weight_decay,
+            t.beta1,
+            t.beta2,
+            t.eps,
+            t.max_grad_norm,
+            t.seed,
+            t.eval_every,
+            t.save_every
+        );
+        match &self.peft {
+            Some(a) => {
+                let _ = writeln!(
+                    s,
+                    "adapter: {} r={} alpha={:?} dropout={:?} rslora={} dora={}; target_modules: {}",
+                    a.method,
+                    a.r,
+                    a.alpha,
+                    a.dropout,
+                    a.use_rslora,
+                    a.use_dora,
+                    a.target_modules.join(", ")
+                );
+            }
+            None => s.push_str("adapter: none\n"),
+        }
+        if !self.model_config.is_empty() {
+            let cfg: Vec<String> = self.model_config.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(s, "model: {}", cfg.join(", "));
+        }
+        s
+    }
+}
+
+/// Bytes in binary units with three significant decimals.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let (mut x, mut u) = (bytes as f64, 0);
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{x:.3} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,82 @@
+//! Converts a compiled recipe, its optimized training step and the step's memory plan into an `ir::plan::Plan`.
+//! The `tests` crate includes this file (`#[path]`), so the tests build plans exactly as `tunec compile -o` does.
+
+use frontend::CompiledRecipe;
+use ir::plan::{
+    build_plan, AdapterSettings, Plan, PlanBuffer, PlanError, PlanSource, Region, TrainSettings, ValuePlacement,
+};
+use passes::memory::{MemoryPlan, Placement};
+
+/// The plan for `graph`, the optimized training step of `recipe`, with its memory plan `memory`, built for `target`.
+pub fn plan_of(
+    recipe: &CompiledRecipe,
+    graph: ir::Graph,
+    memory: &MemoryPlan,
+    target: &str,
+) -> Result<Plan, PlanError> {
+    let values = memory
+        .values
+        .iter()
+        .map(|v| match v.placement {
+            Placement::None => ValuePlacement::None,
+            Placement::Owns(b) => ValuePlacement::Owns(b as u32),
+            Placement::Alias(of) => ValuePlacement::Alias(of.0),
+            Placement::InPlace { of, buffer } => ValuePlacement::InPlace { of: of.0, buffer: buffer as u32 },
+        })
+        .collect();
+    let buffers = memory
+        .buffers
+        .iter()
+        .map(|b| PlanBuffer {
+            region: match b.region {
+                passes::memory::Region::Persistent => Region::Persistent,
+                passes::memory::Region::Arena => Region::Arena,
+            },
+            offset: b.offset as u64,
+            bytes: b.bytes as u64,
+            start: b.start as u64,
+            end: b.end as u64,
+            first: b.first.0,
+        })
+        .collect();
+    let t = &recipe.train;
+    let train = TrainSettings {
+        seq_len: t.seq_len as u64,
+        micro_batch: t.micro_batch as u64,
+        lr: t.lr,
+        steps: t.steps as u64,
+        warmup_steps: t.warmup_steps as u64,
+        weight_decay: t.weight_decay,
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.eps,
+        grad_accum: t.grad_accum as u64,
+        max_grad_norm: t.max_grad_norm,
+        seed: t.seed,
+        eval_every: t.eval_every as u64,
+        save_every: t.save_every as u64,
+    };
+    let peft = recipe.peft.as_ref().map(|p| AdapterSettings {
+        method: p.method.as_str().to_string(),
+        r: p.r as u64,
+        alpha: p.alpha,
+        dropout: p.dropout,
+        target_modules: p.target_modules.clone(),
+        use_rslora: p.use_rslora,
+        use_dora: p.use_dora,
+    });
+    let arch = ("arch".to_string(), serde_json::Value::from(recipe.model.arch.as_str()).to_string());
+    let model_config = std::iter::once(arch).chain(recipe.model.config.iter().map(|(k, v)| (k.clone(), v.to_string())));
+    build_plan(PlanSource {
+        recipe: recipe.name.clone(),
+        target: target.to_string(),
+        graph,
+        values,
+        buffers,
+        arena_bytes: memory.arena_bytes as u64,
+        persistent_bytes: memory.persistent_bytes as u64,
+        train,
+        peft,
+        model_config: model_config.collect(),
+    })
+}
