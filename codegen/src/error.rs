@@ -27,6 +27,13 @@ pub enum CodegenError {
          ~/.cache/tunec/ptxas)"
     )]
     PtxasNotFound,
+    /// A file the code generator reads or writes (objects, the host library).
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// Running ptxas (or preparing its input) failed at the OS level.
     #[error("running ptxas {path}: {source}")]
     PtxasIo {

@@ -6,6 +6,7 @@
 //! and verifies MLIR, and [`host`] JIT-compiles a function for the machine we run on. Lowering of fused `ir` groups
 //! and plan writing come next.
 
+pub mod build;
 pub mod error;
 pub mod host;
 pub mod lower;

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 pub const MAGIC: [u8; 8] = *b"TUNECPLN";
 /// The version of the payload's layout this tunec writes and reads. Bump it on any change to [`Payload`] or to the
 /// meaning of a field; older or newer plans are refused with [`PlanError::Version`].
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Magic + version + payload length + checksum.
 pub const HEADER_BYTES: usize = 8 + 4 + 8 + 4;
 /// The tunec release that writes plans (all crates share the workspace version).
@@ -123,6 +123,9 @@ pub struct InputBinding {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct KernelCode {
     pub name: String,
+    /// The entry symbol in [`Plan::ptx_modules`] and the host library (`tunec_k<N>`; kernels that are the same
+    /// computation share one); empty when no code was generated for this kernel.
+    pub symbol: String,
     /// PTX text per SM architecture (`80` → sm_80).
     pub ptx: BTreeMap<u32, String>,
     /// The kernel's LLVM IR, as text.
@@ -191,6 +194,8 @@ pub struct Plan {
     pub kernels: Vec<KernelCode>,
     /// A shared object with the host code for the CPU backend.
     pub host_library: Option<Vec<u8>>,
+    /// One PTX module per SM architecture with every kernel's entry.
+    pub ptx_modules: BTreeMap<u32, String>,
     pub train: TrainSettings,
     pub peft: Option<AdapterSettings>,
     /// The architecture's config as `(field, JSON value)` pairs, `arch` first.
@@ -212,6 +217,7 @@ struct Payload {
     kernels: Vec<KernelCode>,
     #[serde(with = "serde_bytes")]
     host_library: Option<Vec<u8>>,
+    ptx_modules: BTreeMap<u32, String>,
     train: TrainSettings,
     peft: Option<AdapterSettings>,
     model_config: Vec<(String, String)>,
@@ -250,6 +256,7 @@ pub fn build_plan(src: PlanSource) -> Result<Plan, PlanError> {
         arena_bytes: src.arena_bytes,
         persistent_bytes: src.persistent_bytes,
         host_library: None,
+        ptx_modules: BTreeMap::new(),
         train: src.train,
         peft: src.peft,
         model_config: src.model_config,
@@ -305,6 +312,7 @@ impl Plan {
             persistent_bytes: self.persistent_bytes,
             kernels: self.kernels.clone(),
             host_library: self.host_library.clone(),
+            ptx_modules: self.ptx_modules.clone(),
             train: self.train.clone(),
             peft: self.peft.clone(),
             model_config: self.model_config.clone(),
@@ -369,6 +377,7 @@ impl Plan {
             persistent_bytes: p.persistent_bytes,
             kernels: p.kernels,
             host_library: p.host_library,
+            ptx_modules: p.ptx_modules,
             train: p.train,
             peft: p.peft,
             model_config: p.model_config,
@@ -524,6 +533,10 @@ impl Plan {
             for sm in k.ptx.keys() {
                 *archs.entry(*sm).or_default() += 1;
             }
+        }
+        let with_symbol = self.kernels.iter().filter(|k| !k.symbol.is_empty()).count();
+        for sm in self.ptx_modules.keys() {
+            *archs.entry(*sm).or_default() += with_symbol;
         }
         let ptx = if archs.is_empty() {
             "none".to_string()

@@ -36,6 +36,8 @@ enum Command {
 struct CompileArgs {
     /// The recipe, e.g. examples/llama2-7b.qlora.rs
     recipe: PathBuf,
+    /// With `--emit ptx` / `--emit llvm`: the directory for one file per kernel.
+    dir: Option<PathBuf>,
     /// What to print on stdout [default: ir, or none with -o].
     #[arg(long, value_enum)]
     emit: Option<Emit>,
@@ -71,6 +73,10 @@ enum Emit {
     Forward,
     /// The optimized training step in standard MLIR dialects (func/arith/math/linalg/tensor), verified by MLIR.
     Mlir,
+    /// One .ptx file per distinct kernel and architecture into DIR (`--emit ptx DIR`).
+    Ptx,
+    /// One .ll file (host LLVM IR) per distinct kernel into DIR (`--emit llvm DIR`).
+    Llvm,
     /// Only the summary on stderr.
     None,
 }
@@ -93,7 +99,8 @@ fn main() -> ExitCode {
 
 fn compile(args: &CompileArgs) -> Result<(), String> {
     use passes::recompute::RecomputePolicy;
-    let CompileArgs { recipe: path, emit, dump_after, dump_all, target, recompute, report, report_json, output } = args;
+    let CompileArgs { recipe: path, dir, emit, dump_after, dump_all, target, recompute, report, report_json, output } =
+        args;
     let emit = emit.unwrap_or(if output.is_some() { Emit::None } else { Emit::Ir });
     let report = *report;
     let recompute = match recompute.as_str() {
@@ -147,10 +154,71 @@ fn compile(args: &CompileArgs) -> Result<(), String> {
             println!("// ---- IR after {pass} ----\n{text}");
         }
     }
+    let needs_code = output.is_some() || matches!(emit, Emit::Ptx | Emit::Llvm);
+    let build = if needs_code {
+        let b = codegen::build::build(&graph, &codegen::build::BuildOptions::default())
+            .map_err(|e| format!("error: code generation: {e}"))?;
+        eprintln!(
+            "codegen: {} kernels, {} distinct generated (PTX sm_80 + sm_90 checked by ptxas, host library {} KiB) in {:.2} s; \
+             {} kernels await templates",
+            graph.kernels.len(),
+            b.distinct,
+            b.host_library.as_ref().map_or(0, |l| l.len() / 1024),
+            b.seconds,
+            b.missing.len()
+        );
+        if report {
+            eprintln!("{:<12} {:<52} {:>8} {:>8} {:>10}", "symbol", "first kernel", "regs 80", "regs 90", "spills");
+            let mut seen = std::collections::HashSet::new();
+            for k in b.kernels.iter().filter(|k| !k.symbol.is_empty() && seen.insert(k.symbol.clone())) {
+                let regs = |sm| k.resources.get(&sm).map_or("-".to_string(), |r| r.registers.to_string());
+                let spills: u64 = k.resources.values().map(|r| r.spill_store_bytes + r.spill_load_bytes).sum();
+                eprintln!("{:<12} {:<52} {:>8} {:>8} {:>10}", k.symbol, k.name, regs(80), regs(90), spills);
+            }
+        }
+        Some(b)
+    } else {
+        None
+    };
+    if let (Emit::Ptx | Emit::Llvm, Some(b)) = (emit, &build) {
+        let dir =
+            dir.as_ref().ok_or("error: --emit ptx|llvm needs a directory: tunec compile <recipe> --emit ptx <dir>")?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("error: {}: {e}", dir.display()))?;
+        for (i, nest) in b.nests.iter().enumerate() {
+            let files: Vec<(String, String)> = if matches!(emit, Emit::Ptx) {
+                [80u32, 90]
+                    .iter()
+                    .map(|&sm| {
+                        codegen::build::kernel_ptx(nest, sm).map(|t| (format!("{}.sm_{sm}.ptx", nest.symbol()), t))
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("error: {e}"))?
+            } else {
+                let ir = b.kernels.iter().find(|k| k.symbol == nest.symbol()).map(|k| k.llvm_ir.clone());
+                vec![(format!("{}.ll", nest.symbol()), ir.unwrap_or_default())]
+            };
+            for (name, text) in files {
+                let f = dir.join(name);
+                std::fs::write(&f, text).map_err(|e| format!("error: {}: {e}", f.display()))?;
+            }
+            let _ = i;
+        }
+        let manifest: String = b.kernels.iter().map(|k| format!("{}\t{}\n", k.symbol, k.name)).collect();
+        std::fs::write(dir.join("kernels.tsv"), manifest).map_err(|e| format!("error: {e}"))?;
+        eprintln!("wrote {} kernels to {} (kernels.tsv maps kernel groups to symbols)", b.nests.len(), dir.display());
+    }
     if let Some(out) = output {
         let memory = passes::memory::plan(&graph);
-        let plan = plan_source::plan_of(&recipe, graph.clone(), &memory, opts.target.name)
+        let mut plan = plan_source::plan_of(&recipe, graph.clone(), &memory, opts.target.name)
             .map_err(|e| format!("error: building the plan: {e}"))?;
+        if let Some(b) = &build {
+            for (code, k) in plan.kernels.iter_mut().zip(&b.kernels) {
+                code.symbol = k.symbol.clone();
+                code.llvm_ir = (!k.llvm_ir.is_empty()).then(|| k.llvm_ir.clone());
+            }
+            plan.ptx_modules = b.ptx.clone();
+            plan.host_library = b.host_library.clone();
+        }
         let bytes = plan.write(out).map_err(|e| format!("error: writing the plan: {e}"))?;
         eprintln!("wrote {} ({bytes} bytes)", out.display());
     }
@@ -160,7 +228,7 @@ fn compile(args: &CompileArgs) -> Result<(), String> {
         Emit::Mlir => {
             print!("{}", codegen::mlir_export::export_mlir(&graph).map_err(|e| format!("error: MLIR export: {e}"))?)
         }
-        Emit::None => {}
+        Emit::None | Emit::Ptx | Emit::Llvm => {}
     }
     let params = graph.params();
     let count = |role| params.iter().filter(|p| p.2 == role).count();

@@ -1,0 +1,206 @@
+//! The code generator's driver: every kernel group of an optimized training step to code — PTX per architecture
+//! (checked by ptxas, its register/spill report kept) and one host shared library for the `cpu` backend.
+//!
+//! Kernels that are the same computation on the same shapes (the same layer's kernel in every layer) are generated
+//! once: a kernel is keyed by its loop nest with names and value ids erased, and shares the symbol `tunec_k<N>` of
+//! the first kernel with that key. So codegen time follows the number of distinct kernels, not the depth.
+//! Kernels whose anchor op has no template yet are listed in [`Build::missing`], with the op that lacks one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use inkwell::context::Context;
+use inkwell::targets::FileType;
+use inkwell::values::AnyValue;
+use ir::Graph;
+use kernels::loops::LoopNest;
+
+use crate::lower::{emit_host, emit_ptx as emit_ptx_fn, host_target_machine, optimize_host};
+use crate::ptxas::{self, KernelResources};
+use crate::CodegenError;
+
+/// The code of one kernel group.
+#[derive(Clone, Debug, Default)]
+pub struct KernelBuild {
+    /// The group's name (`rms_norm:model.layers.0.input_layernorm`).
+    pub name: String,
+    /// The entry symbol in the PTX and the host library (`tunec_k<N>`); empty when no template covers the group.
+    pub symbol: String,
+    /// ptxas's resources per SM architecture (when ptxas ran).
+    pub resources: BTreeMap<u32, KernelResources>,
+    /// The kernel's LLVM IR (host flavour), as text.
+    pub llvm_ir: String,
+}
+
+/// What codegen produced for a graph.
+#[derive(Clone, Debug, Default)]
+pub struct Build {
+    pub kernels: Vec<KernelBuild>,
+    /// One PTX module per SM architecture holding every distinct kernel (entries `tunec_k<N>`).
+    pub ptx: BTreeMap<u32, String>,
+    /// The distinct kernels' loop nests, by symbol order (`tunec_k0`, `tunec_k1`, …), for `--emit ptx|llvm`.
+    pub nests: Vec<LoopNest>,
+    /// A shared object with every host kernel (`void tunec_k<N>(void** args, i32 tid, i32 nthreads)`).
+    pub host_library: Option<Vec<u8>>,
+    /// Distinct kernels generated.
+    pub distinct: usize,
+    /// Kernel groups without code, with the op that has no template yet.
+    pub missing: Vec<(String, String)>,
+    pub seconds: f64,
+}
+
+/// Options for [`build`].
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    pub archs: Vec<u32>,
+    /// Assemble every PTX module with ptxas and keep its report.
+    pub ptxas: bool,
+    /// Link a host shared library (needs a C compiler driver, `cc`).
+    pub host: bool,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions { archs: vec![80, 90], ptxas: true, host: true }
+    }
+}
+
+/// The loop nest of a kernel with everything instance-specific erased: equal keys are the same kernel.
+fn key_of(nest: &LoopNest) -> String {
+    let mut n = nest.clone();
+    n.name.clear();
+    for b in &mut n.buffers {
+        b.value = ir::ValueId(0);
+    }
+    format!("{n:?}")
+}
+
+/// Generates code for every kernel group of `g` (which must have been through `fuse` and `schedule`).
+pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
+    let t0 = Instant::now();
+    let mut out = Build::default();
+    let mut distinct: Vec<LoopNest> = vec![];
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    let mut kernel_distinct: Vec<Option<usize>> = vec![];
+    for k in &g.kernels {
+        match LoopNest::from_group(g, k) {
+            Ok(nest) => {
+                let key = key_of(&nest);
+                let idx = *by_key.entry(key).or_insert_with(|| {
+                    let mut n = nest.clone();
+                    n.name = format!("k{}", distinct.len());
+                    distinct.push(n);
+                    distinct.len() - 1
+                });
+                kernel_distinct.push(Some(idx));
+            }
+            Err(e) => {
+                out.missing.push((k.name.clone(), e.to_string()));
+                kernel_distinct.push(None);
+            }
+        }
+    }
+    out.distinct = distinct.len();
+
+    // PTX: one module per architecture with every distinct kernel, assembled by ptxas once per architecture; and
+    // the host module. Each runs on its own thread with its own LLVM context.
+    type PtxOut = Result<(u32, String, Vec<Option<KernelResources>>), CodegenError>;
+    let ptx_for = |sm: u32| -> PtxOut {
+        let ctx = Context::create();
+        let module = ctx.create_module("tunec_kernels");
+        for nest in &distinct {
+            emit_ptx_fn(&ctx, &module, nest)?;
+        }
+        let ptx = crate::ptx::emit_ptx(&module, sm)?;
+        let mut res = vec![None; distinct.len()];
+        if opts.ptxas {
+            let report = ptxas::assemble(&ptx, sm)?;
+            for (i, nest) in distinct.iter().enumerate() {
+                res[i] = report.kernel(&nest.symbol()).cloned();
+            }
+        }
+        Ok((sm, ptx, res))
+    };
+    let host_for = || -> Result<(Vec<String>, Vec<u8>), CodegenError> {
+        let ctx = Context::create();
+        let module = ctx.create_module("tunec_host");
+        let mut llvm = vec![];
+        for nest in &distinct {
+            llvm.push(emit_host(&ctx, &module, nest)?.print_to_string().to_string());
+        }
+        optimize_host(&module)?;
+        let machine = host_target_machine()?;
+        let obj = machine
+            .write_to_memory_buffer(&module, FileType::Object)
+            .map_err(|e| CodegenError::Llvm { stage: "host object", message: e.to_string() })?;
+        Ok((llvm, link_shared(obj.as_slice())?))
+    };
+    let mut res_of: Vec<BTreeMap<u32, KernelResources>> = vec![BTreeMap::new(); distinct.len()];
+    let mut llvm_of: Vec<String> = vec![String::new(); distinct.len()];
+    if !distinct.is_empty() {
+        let (ptx_results, host_result) = std::thread::scope(|scope| {
+            let ptx_jobs: Vec<_> = opts.archs.iter().map(|&sm| scope.spawn(move || ptx_for(sm))).collect();
+            let host_job = opts.host.then(|| scope.spawn(host_for));
+            let ptx: Vec<PtxOut> = ptx_jobs.into_iter().map(|j| j.join().expect("PTX thread")).collect();
+            (ptx, host_job.map(|j| j.join().expect("host thread")))
+        });
+        for r in ptx_results {
+            let (sm, ptx, res) = r?;
+            for (i, r) in res.into_iter().enumerate() {
+                if let Some(r) = r {
+                    res_of[i].insert(sm, r);
+                }
+            }
+            out.ptx.insert(sm, ptx);
+        }
+        if let Some(h) = host_result {
+            let (llvm, lib) = h?;
+            llvm_of = llvm;
+            out.host_library = Some(lib);
+        }
+    }
+
+    for (k, d) in g.kernels.iter().zip(&kernel_distinct) {
+        out.kernels.push(match d {
+            Some(i) => KernelBuild {
+                name: k.name.clone(),
+                symbol: distinct[*i].symbol(),
+                resources: res_of[*i].clone(),
+                llvm_ir: llvm_of[*i].clone(),
+            },
+            None => KernelBuild { name: k.name.clone(), ..KernelBuild::default() },
+        });
+    }
+    out.nests = distinct;
+    out.seconds = t0.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// PTX for one distinct kernel alone (for `--emit ptx <dir>`).
+pub fn kernel_ptx(nest: &LoopNest, sm: u32) -> Result<String, CodegenError> {
+    crate::lower::nest_to_ptx(nest, sm)
+}
+
+/// Links an object file into a shared library with the system's C compiler driver.
+fn link_shared(object: &[u8]) -> Result<Vec<u8>, CodegenError> {
+    let dir = tempfile::Builder::new()
+        .prefix("tunec-link-")
+        .tempdir()
+        .map_err(|source| CodegenError::Io { path: std::env::temp_dir(), source })?;
+    let (obj, lib) = (dir.path().join("kernels.o"), dir.path().join("libkernels.so"));
+    std::fs::write(&obj, object).map_err(|source| CodegenError::Io { path: obj.clone(), source })?;
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let run = std::process::Command::new(&cc)
+        .args(["-shared", "-o"])
+        .arg(&lib)
+        .arg(&obj)
+        .output()
+        .map_err(|source| CodegenError::Io { path: cc.clone().into(), source })?;
+    if !run.status.success() {
+        return Err(CodegenError::Llvm {
+            stage: "link host library",
+            message: String::from_utf8_lossy(&run.stderr).into_owned(),
+        });
+    }
+    std::fs::read(&lib).map_err(|source| CodegenError::Io { path: lib.clone(), source })
+}
