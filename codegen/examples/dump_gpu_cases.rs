@@ -1,16 +1,16 @@
-//! Writes GPU check cases for every loop-nest kernel (elementwise and row kernels) of the tiny recipes' optimized
-//! training steps: the kernel's PTX for sm_90 and sm_80, its input buffers as the reference interpreter computed
+//! Writes GPU check cases for every kernel of the tiny recipes' optimized training steps that a template covers
+//! (loop nests, GEMMs, transformer ops): the kernel's PTX for sm_90 and sm_80, its input buffers as the reference interpreter computed
 //! them (random weights, seeded), and the interpreter's outputs. `runtime`'s `gpu_check` example runs them on a GPU.
 //!
 //! `cargo run --release -p codegen --example dump_gpu_cases -- target/gpucheck`
 
-use codegen::lower::nest_to_ptx;
+use codegen::build::{kernel_ptx, Template};
 use ir::interp::{run, Env, Precision, Tensor, Value};
 use ir::{DType, Op, Role};
-use kernels::loops::{Elem, Iteration, LoopNest};
+use kernels::loops::{Elem, Iteration};
 use passes::{training_pipeline, PassManager, PipelineOptions};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn env_for(g: &ir::Graph, seed: u64) -> Env {
     let mut env = Env::default();
@@ -55,10 +55,6 @@ fn env_for(g: &ir::Graph, seed: u64) -> Env {
     env
 }
 
-fn write_f32(path: &Path, v: &[f32]) {
-    std::fs::write(path, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).expect("write");
-}
-
 fn main() {
     let out = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "target/gpucheck".into()));
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -71,38 +67,81 @@ fn main() {
         let env = env_for(&g, 1);
         let vals = run(&g, &env, Precision::F32).expect("interpreter");
         for k in &g.kernels {
-            let Ok(nest) = LoopNest::from_group(&g, k) else {
+            let Ok(t) = Template::of(&g, k) else {
                 skipped += 1;
                 continue;
             };
             let dir = out.join(format!("{:03}", cases));
             std::fs::create_dir_all(&dir).expect("mkdir");
             for sm in [80, 90] {
-                std::fs::write(dir.join(format!("sm{sm}.ptx")), nest_to_ptx(&nest, sm).expect("ptx")).expect("write");
+                std::fs::write(dir.join(format!("sm{sm}.ptx")), kernel_ptx(&t, sm).expect("ptx")).expect("write");
             }
             let mut meta = String::new();
-            let _ = writeln!(meta, "recipe {recipe}\nkernel {}\nsymbol {}", k.name, nest.symbol());
-            match nest.iteration {
-                Iteration::Elements { len } => {
-                    let _ = writeln!(meta, "iteration elements {len}");
+            let _ = writeln!(meta, "recipe {recipe}\nkernel {}\nsymbol {}", k.name, t.symbol());
+            // Buffers as (element type, raw bytes), inputs first; and the launch for templates with their own.
+            let bytes_of = |v: &Value| -> (&'static str, Vec<u8>) {
+                match v {
+                    Value::I { data, .. } => ("i32", data.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                    Value::F(t) => ("f32", t.to_f32().iter().flat_map(|x| x.to_le_bytes()).collect()),
+                    Value::Q(_) => unreachable!("NF4 values are split into their storage buffers"),
                 }
-                Iteration::Rows { rows, cols } => {
-                    let _ = writeln!(meta, "iteration rows {rows} {cols}");
+            };
+            let mut bufs: Vec<(&'static str, Vec<u8>)> = vec![];
+            let n_inputs;
+            match &t {
+                Template::Loops(nest) => {
+                    match nest.iteration {
+                        Iteration::Elements { len } => {
+                            let _ = writeln!(meta, "iteration elements {len}");
+                        }
+                        Iteration::Rows { rows, cols } => {
+                            let _ = writeln!(meta, "iteration rows {rows} {cols}");
+                        }
+                    }
+                    n_inputs = nest.n_inputs;
+                    for buf in &nest.buffers {
+                        let (e, b) = bytes_of(&vals[buf.value.index()]);
+                        assert_eq!(e == "i32", buf.elem == Elem::I32);
+                        bufs.push((e, b));
+                    }
+                }
+                Template::Nn(nn) => {
+                    let l = nn.launch();
+                    let _ = writeln!(meta, "iteration template\nlaunch {} 1 {}", l.grid, kernels::nn::NN_BLOCK_THREADS);
+                    if l.zero_output_gpu {
+                        let _ = writeln!(meta, "zero {}", nn.n_inputs);
+                    }
+                    n_inputs = nn.n_inputs;
+                    for buf in &nn.buffers {
+                        bufs.push(bytes_of(&vals[buf.value.index()]));
+                    }
+                }
+                Template::Gemm(gm) => {
+                    let (gx, gy) = codegen::gemm::gpu_grid(gm);
+                    let _ = writeln!(meta, "iteration template\nlaunch {gx} {gy} {}", codegen::gemm::GPU_BLOCK_THREADS);
+                    let node = g.node(k.nodes[0]);
+                    for (i, &input) in node.inputs.iter().enumerate() {
+                        match &vals[input.index()] {
+                            Value::Q(q) if i == 1 => {
+                                let parts = kernels::gemm::nf4_buffers(q);
+                                let kinds: Vec<&'static str> = match parts.len() {
+                                    4 => vec!["u8", "u8", "f32", "f32"],
+                                    _ => vec!["u8", "f32"],
+                                };
+                                bufs.extend(kinds.into_iter().zip(parts));
+                            }
+                            v => bufs.push(bytes_of(v)),
+                        }
+                    }
+                    n_inputs = bufs.len();
+                    bufs.push(bytes_of(&vals[k.nodes[0].index()]));
                 }
             }
-            let _ = writeln!(meta, "inputs {}", nest.n_inputs);
-            for (b, buf) in nest.buffers.iter().enumerate() {
-                let elem = if buf.elem == Elem::I32 { "i32" } else { "f32" };
-                let _ = writeln!(meta, "buffer {b} {elem} {}", buf.numel());
-                let file = dir.join(format!("b{b}.bin"));
-                match &vals[buf.value.index()] {
-                    Value::I { data, .. } => {
-                        std::fs::write(&file, data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
-                            .expect("write")
-                    }
-                    Value::F(t) => write_f32(&file, &t.to_f32()),
-                    Value::Q(_) => panic!("NF4 values are not loop-nest buffers"),
-                }
+            let _ = writeln!(meta, "inputs {n_inputs}");
+            for (b, (elem, data)) in bufs.iter().enumerate() {
+                let width = if *elem == "u8" { 1 } else { 4 };
+                let _ = writeln!(meta, "buffer {b} {elem} {}", data.len() / width);
+                std::fs::write(dir.join(format!("b{b}.bin")), data).expect("write");
             }
             std::fs::write(dir.join("meta.txt"), meta).expect("write");
             cases += 1;

@@ -4,7 +4,8 @@
 //! Kernels that are the same computation on the same shapes (the same layer's kernel in every layer) are generated
 //! once: a kernel is keyed by its loop nest with names and value ids erased, and shares the symbol `tunec_k<N>` of
 //! the first kernel with that key. So codegen time follows the number of distinct kernels, not the depth.
-//! Kernels whose anchor op has no template yet are listed in [`Build::missing`], with the op that lacks one.
+//! Templates: loop nests (elementwise and row kernels), GEMMs and the transformer ops (single-op groups for now).
+//! Kernels no template covers yet are listed in [`Build::missing`], with the reason.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -13,7 +14,9 @@ use inkwell::context::Context;
 use inkwell::targets::FileType;
 use inkwell::values::AnyValue;
 use ir::Graph;
+use kernels::gemm::Gemm;
 use kernels::loops::LoopNest;
+use kernels::nn::NnKernel;
 
 use crate::lower::{emit_host, emit_ptx as emit_ptx_fn, host_target_machine, optimize_host};
 use crate::ptxas::{self, KernelResources};
@@ -38,8 +41,8 @@ pub struct Build {
     pub kernels: Vec<KernelBuild>,
     /// One PTX module per SM architecture holding every distinct kernel (entries `tunec_k<N>`).
     pub ptx: BTreeMap<u32, String>,
-    /// The distinct kernels' loop nests, by symbol order (`tunec_k0`, `tunec_k1`, …), for `--emit ptx|llvm`.
-    pub nests: Vec<LoopNest>,
+    /// The distinct kernels' descriptions, by symbol order (`tunec_k0`, `tunec_k1`, …), for `--emit ptx|llvm`.
+    pub nests: Vec<Template>,
     /// A shared object with every host kernel (`void tunec_k<N>(void** args, i32 tid, i32 nthreads)`).
     pub host_library: Option<Vec<u8>>,
     /// Distinct kernels generated.
@@ -65,37 +68,108 @@ impl Default for BuildOptions {
     }
 }
 
-/// The loop nest of a kernel with everything instance-specific erased: equal keys are the same kernel.
-fn key_of(nest: &LoopNest) -> String {
-    let mut n = nest.clone();
-    n.name.clear();
-    for b in &mut n.buffers {
-        b.value = ir::ValueId(0);
+/// A kernel group's description under one of the templates.
+#[derive(Clone, Debug)]
+pub enum Template {
+    /// Elementwise and row-reduction groups (`kernels::loops`).
+    Loops(LoopNest),
+    /// GEMMs: matmul, qmatmul (NF4 prologue), lora_linear (rank-r epilogue) (`kernels::gemm`).
+    Gemm(Gemm),
+    /// Attention (+ backward), RoPE, embedding (+ backward), cross-entropy (+ linear, + backward) (`kernels::nn`).
+    Nn(NnKernel),
+}
+
+impl Template {
+    /// The template for a kernel group, or why none applies.
+    pub fn of(g: &Graph, k: &ir::Kernel) -> Result<Template, String> {
+        let loops = match LoopNest::from_group(g, k) {
+            Ok(n) => return Ok(Template::Loops(n)),
+            Err(e) => e.to_string(),
+        };
+        if let [v] = k.nodes.as_slice() {
+            if let Ok(gm) = Gemm::from_node(g, *v, &k.name) {
+                return Ok(Template::Gemm(gm));
+            }
+            if let Ok(nn) = NnKernel::from_group(g, k) {
+                return Ok(Template::Nn(nn));
+            }
+        }
+        Err(loops)
     }
-    format!("{n:?}")
+
+    fn rename(&mut self, name: String) {
+        match self {
+            Template::Loops(n) => n.name = name,
+            Template::Gemm(gm) => gm.name = name,
+            Template::Nn(nn) => nn.name = name,
+        }
+    }
+
+    pub fn symbol(&self) -> String {
+        match self {
+            Template::Loops(n) => n.symbol(),
+            Template::Gemm(gm) => gm.symbol(),
+            Template::Nn(nn) => nn.symbol(),
+        }
+    }
+
+    /// Everything instance-specific erased: equal keys are the same kernel.
+    fn key(&self) -> String {
+        let mut t = self.clone();
+        t.rename(String::new());
+        match &mut t {
+            Template::Loops(n) => n.buffers.iter_mut().for_each(|b| b.value = ir::ValueId(0)),
+            Template::Nn(nn) => nn.buffers.iter_mut().for_each(|b| b.value = ir::ValueId(0)),
+            Template::Gemm(_) => {}
+        }
+        format!("{t:?}")
+    }
+
+    fn emit_host<'ctx>(
+        &self,
+        ctx: &'ctx Context,
+        module: &inkwell::module::Module<'ctx>,
+    ) -> Result<inkwell::values::FunctionValue<'ctx>, CodegenError> {
+        match self {
+            Template::Loops(n) => emit_host(ctx, module, n),
+            Template::Gemm(gm) => crate::gemm::emit_host(ctx, module, gm),
+            Template::Nn(nn) => crate::nn::emit_host(ctx, module, nn),
+        }
+    }
+
+    fn emit_ptx<'ctx>(
+        &self,
+        ctx: &'ctx Context,
+        module: &inkwell::module::Module<'ctx>,
+    ) -> Result<inkwell::values::FunctionValue<'ctx>, CodegenError> {
+        match self {
+            Template::Loops(n) => emit_ptx_fn(ctx, module, n),
+            Template::Gemm(gm) => crate::gemm::emit_ptx(ctx, module, gm),
+            Template::Nn(nn) => crate::nn::emit_ptx(ctx, module, nn),
+        }
+    }
 }
 
 /// Generates code for every kernel group of `g` (which must have been through `fuse` and `schedule`).
 pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
     let t0 = Instant::now();
     let mut out = Build::default();
-    let mut distinct: Vec<LoopNest> = vec![];
+    let mut distinct: Vec<Template> = vec![];
     let mut by_key: HashMap<String, usize> = HashMap::new();
     let mut kernel_distinct: Vec<Option<usize>> = vec![];
     for k in &g.kernels {
-        match LoopNest::from_group(g, k) {
-            Ok(nest) => {
-                let key = key_of(&nest);
-                let idx = *by_key.entry(key).or_insert_with(|| {
-                    let mut n = nest.clone();
-                    n.name = format!("k{}", distinct.len());
+        match Template::of(g, k) {
+            Ok(t) => {
+                let idx = *by_key.entry(t.key()).or_insert_with(|| {
+                    let mut n = t.clone();
+                    n.rename(format!("k{}", distinct.len()));
                     distinct.push(n);
                     distinct.len() - 1
                 });
                 kernel_distinct.push(Some(idx));
             }
             Err(e) => {
-                out.missing.push((k.name.clone(), e.to_string()));
+                out.missing.push((k.name.clone(), e));
                 kernel_distinct.push(None);
             }
         }
@@ -108,8 +182,8 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
     let ptx_for = |sm: u32| -> PtxOut {
         let ctx = Context::create();
         let module = ctx.create_module("tunec_kernels");
-        for nest in &distinct {
-            emit_ptx_fn(&ctx, &module, nest)?;
+        for t in &distinct {
+            t.emit_ptx(&ctx, &module)?;
         }
         let ptx = crate::ptx::emit_ptx(&module, sm)?;
         let mut res = vec![None; distinct.len()];
@@ -125,8 +199,8 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
         let ctx = Context::create();
         let module = ctx.create_module("tunec_host");
         let mut llvm = vec![];
-        for nest in &distinct {
-            llvm.push(emit_host(&ctx, &module, nest)?.print_to_string().to_string());
+        for t in &distinct {
+            llvm.push(t.emit_host(&ctx, &module)?.print_to_string().to_string());
         }
         optimize_host(&module)?;
         let machine = host_target_machine()?;
@@ -177,8 +251,12 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
 }
 
 /// PTX for one distinct kernel alone (for `--emit ptx <dir>`).
-pub fn kernel_ptx(nest: &LoopNest, sm: u32) -> Result<String, CodegenError> {
-    crate::lower::nest_to_ptx(nest, sm)
+pub fn kernel_ptx(t: &Template, sm: u32) -> Result<String, CodegenError> {
+    match t {
+        Template::Loops(n) => crate::lower::nest_to_ptx(n, sm),
+        Template::Gemm(gm) => crate::gemm::gemm_to_ptx(gm, sm),
+        Template::Nn(nn) => crate::nn::kernel_to_ptx(nn, sm),
+    }
 }
 
 /// Links an object file into a shared library with the system's C compiler driver.

@@ -8,10 +8,12 @@
 
 pub mod build;
 pub mod error;
+pub mod gemm;
 pub mod host;
 pub mod lower;
 pub mod mlir;
 pub mod mlir_export;
+pub mod nn;
 pub mod ptx;
 pub mod ptxas;
 

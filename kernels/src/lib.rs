@@ -7,7 +7,9 @@
 
 mod axpy;
 mod error;
+pub mod gemm;
 pub mod loops;
+pub mod nn;
 mod nvptx;
 
 pub use axpy::{emit_axpy_kernel, AXPY_KERNEL_NAME};

@@ -1,6 +1,7 @@
 //! Runs the kernel cases written by `codegen`'s `dump_gpu_cases` example on the GPU: for each case, loads its PTX
-//! for the device's architecture, uploads the input buffers, launches (elementwise kernels: 256-thread blocks,
-//! grid-stride; row kernels: one 256-thread block per row), and compares every output with the reference
+//! for the device's architecture, uploads the input buffers, launches (the case's own grid and block when it gives
+//! them — GEMM and transformer-op templates; else elementwise kernels: 256-thread blocks, grid-stride; row kernels:
+//! one 256-thread block per row), and compares every output with the reference
 //! interpreter's within atol 1e-5 + rtol 1e-4·|ref| (the GPU contracts multiply-adds into FMAs). Prints a table.
 //!
 //! `cargo run --release -p runtime --example gpu_check -- target/gpucheck`
@@ -16,6 +17,7 @@ use runtime::cuda_available;
 enum Buf {
     F(CudaSlice<f32>),
     I(CudaSlice<i32>),
+    U(CudaSlice<u8>),
 }
 
 fn read_f32(p: &Path) -> Result<Vec<f32>, String> {
@@ -54,14 +56,22 @@ fn run_case(ctx: &std::sync::Arc<CudaContext>, dir: &Path, sm: u32) -> Result<(S
                         bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
                     Buf::I(stream.clone_htod(&v).map_err(e)?)
                 }
+                "u8" => Buf::U(stream.clone_htod(&std::fs::read(&file).map_err(|e| e.to_string())?).map_err(e)?),
                 _ => Buf::F(stream.clone_htod(&read_f32(&file)?).map_err(e)?),
             });
         } else {
             expected.push(read_f32(&file)?);
-            bufs.push(Buf::F(stream.clone_htod(&vec![f32::NAN; n]).map_err(e)?));
+            // Outputs the kernel accumulates into start at zero; the others at NaN, so unwritten elements show.
+            let init = if field("zero").contains(&b.to_string()) { 0.0 } else { f32::NAN };
+            bufs.push(Buf::F(stream.clone_htod(&vec![init; n]).map_err(e)?));
         }
     }
+    let launch_field = field("launch");
     let cfg = match it.first().map(String::as_str) {
+        _ if launch_field.len() == 3 => {
+            let n = |i: usize| launch_field[i].parse::<u32>().map_err(|_| "bad launch");
+            LaunchConfig { grid_dim: (n(0)?, n(1)?, 1), block_dim: (n(2)?, 1, 1), shared_mem_bytes: 0 }
+        }
         Some("rows") => {
             let rows: u32 = it[1].parse().map_err(|_| "bad rows")?;
             LaunchConfig { grid_dim: (rows.clamp(1, 65535), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
@@ -80,6 +90,7 @@ fn run_case(ctx: &std::sync::Arc<CudaContext>, dir: &Path, sm: u32) -> Result<(S
         match b {
             Buf::F(s) => launch.arg(s),
             Buf::I(s) => launch.arg(s),
+            Buf::U(s) => launch.arg(s),
         };
     }
     // SAFETY: the kernel takes one pointer per buffer, in this order, each with the element count written in meta.
@@ -91,7 +102,7 @@ fn run_case(ctx: &std::sync::Arc<CudaContext>, dir: &Path, sm: u32) -> Result<(S
         for (&g, &w) in got.iter().zip(want) {
             let err = (g as f64 - w as f64).abs();
             let tol = 1e-5 + 1e-4 * (w as f64).abs();
-            if !(err <= tol) && !(g.is_nan() && w.is_nan()) {
+            if err.partial_cmp(&tol) != Some(std::cmp::Ordering::Less) && err != tol && !(g.is_nan() && w.is_nan()) {
                 bad += 1;
             }
             if err.is_finite() {

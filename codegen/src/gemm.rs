@@ -1,0 +1,727 @@
+//! Lowering of [`Gemm`] kernels (`matmul`, `qmatmul`, `lora_linear`) to LLVM IR for the host and for NVPTX, from
+//! the one description: both targets share the element loaders (A with its transpose, the weight with its transpose
+//! and the NF4 dequantization, the LoRA factors); only the tiling around them differs.
+//!
+//! # Kernel ABI
+//! Buffers are [`Gemm::buffers`]: the op's inputs, then the output, dense row-major; an NF4 weight is its storage
+//! split into `packed` (u8), `absmax_codes` (u8), `absmax2` (f32), `offset` (f32\[1\]) — or `packed`, `absmax` (f32)
+//! for plain scales (see `kernels::gemm`).
+//! - **Host** ([`emit_host`]): `void tunec_<name>(ptr args, i32 tid, i32 nthreads)`, `args[k]` = buffer `k`. Thread
+//!   `tid` of `nthreads` computes one contiguous slice of the M rows (of every batch entry); calling every `tid` in
+//!   `0..nthreads` (in any order or concurrently) runs the whole kernel.
+//! - **NVPTX** ([`emit_ptx`]): `.entry tunec_<name>(ptr b0, ptr b1, …)` (calling convention 71), launched with
+//!   [`GPU_BLOCK_THREADS`] threads in x and the grid of [`gpu_grid`] (x over N tiles, y over M tiles).
+//!
+//! # Host tiling
+//! Per thread: for each panel of `NR = 2·VW` output columns (`VW` = 16 lanes with AVX-512, else 8) and each block of
+//! `KC` = 256 values of K, the weight panel `KC × NR` is packed into a 64-byte-aligned stack buffer — this is where
+//! `tb` is undone, NF4 is dequantized (a prologue per panel, exact values) and the N edge is zero-padded. Then a
+//! register-blocked micro-kernel of `MR = 6` rows × 2 vectors (12 `<VW x float>` accumulators, `llvm.fma`, K
+//! innermost, A read as broadcast scalars with stride 1 or M for `ta`) runs over the thread's rows; the tile goes
+//! through a small stack buffer and is stored (first K block) or added to the output. The LoRA term is the
+//! epilogue of each output panel: after the last K block, `B`'s panel `r × NR` is packed and the same micro-kernel
+//! computes `U·op(B)` for the tile, added as `out += s·(U·op(B))` — `B·A` is never formed.
+//!
+//! # NVPTX tiling
+//! This first version is an **f32 SIMT** GEMM (no tensor cores yet): 256 threads compute a 64×64 output tile, each a
+//! 4×4 register block; K advances by 16 through shared-memory tiles of A (64×16) and of the weight (16×64). The
+//! weight tile's loads are the NF4 dequantization prologue; edge tiles are zero-filled (clamped index + select) and
+//! stores are bounds-checked; the LoRA rank update runs in the epilogue per output element, reading `U` and `B`
+//! from global memory. f32 throughout, so the GPU result has the host's tolerance.
+//!
+//! # Numerics
+//! f32 accumulation with fused multiply-adds; NF4 dequantization is separately rounded `(map[c]·absmax2) + offset`
+//! then `nf4[q]·absmax`, exactly `ir::nf4::dequantize` (no contraction: no fast-math flags).
+
+use inkwell::attributes::AttributeLoc;
+use inkwell::builder::Builder;
+use inkwell::context::Context;
+use inkwell::intrinsics::Intrinsic;
+use inkwell::module::{Linkage, Module};
+use inkwell::targets::TargetMachine;
+use inkwell::types::{BasicType, BasicTypeEnum, FloatType};
+use inkwell::values::{
+    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue, GlobalValue, IntValue, PointerValue,
+    VectorValue,
+};
+use inkwell::{AddressSpace, IntPredicate};
+use kernels::gemm::{BufIx, Gemm, WeightFormat};
+use kernels::{read_sreg, set_ptx_kernel, KernelError, Sreg};
+
+use crate::lower::Flavor;
+use crate::CodegenError;
+
+type Kr<T> = Result<T, KernelError>;
+
+/// Host micro-kernel rows.
+pub const HOST_MR: usize = 6;
+/// Host K block (values of K per packed weight panel).
+pub const HOST_KC: usize = 256;
+/// Threads per block of the NVPTX kernel (x dimension only).
+pub const GPU_BLOCK_THREADS: u32 = 256;
+/// Output tile of one NVPTX block: rows and columns.
+pub const GPU_TILE_M: usize = 64;
+pub const GPU_TILE_N: usize = 64;
+/// K step of the NVPTX kernel's shared-memory tiles.
+pub const GPU_TILE_K: usize = 16;
+const GPU_TM: usize = 4;
+const GPU_TN: usize = 4;
+
+/// The NVPTX launch grid for `g`: (x, y) = (N tiles, M tiles); the block is `GPU_BLOCK_THREADS × 1 × 1`.
+pub fn gpu_grid(g: &Gemm) -> (u32, u32) {
+    (g.n.div_ceil(GPU_TILE_N) as u32, g.m.div_ceil(GPU_TILE_M) as u32)
+}
+
+/// Vector lanes of the host micro-kernel: 16 where the host has AVX-512F, else 8.
+pub fn host_vector_width() -> usize {
+    let features = TargetMachine::get_host_cpu_features().to_string();
+    if features.split(',').any(|f| f == "+avx512f") {
+        16
+    } else {
+        8
+    }
+}
+
+/// Adds the host function for `g` to `module` (see the module docs for its ABI). Optimize the module with
+/// [`crate::lower::optimize_host`].
+pub fn emit_host<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    g: &Gemm,
+) -> Result<FunctionValue<'ctx>, CodegenError> {
+    let func = emit(ctx, module, g, Flavor::Host, host_vector_width())?;
+    // The JIT (MCJIT) and AOT paths compile for the host CPU only when the function says so.
+    let cpu = TargetMachine::get_host_cpu_name().to_string();
+    let features = TargetMachine::get_host_cpu_features().to_string();
+    func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-cpu", &cpu));
+    func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-features", &features));
+    Ok(func)
+}
+
+/// Adds the `ptx_kernel` function for `g` to `module` (lower the module with [`crate::ptx::emit_ptx`]).
+pub fn emit_ptx<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    g: &Gemm,
+) -> Result<FunctionValue<'ctx>, CodegenError> {
+    Ok(emit(ctx, module, g, Flavor::Nvptx, 0)?)
+}
+
+/// PTX text for `g` alone, for `sm`.
+pub fn gemm_to_ptx(g: &Gemm, sm: u32) -> Result<String, CodegenError> {
+    let ctx = Context::create();
+    let module = ctx.create_module(&g.symbol());
+    emit_ptx(&ctx, &module, g)?;
+    crate::ptx::emit_ptx(&module, sm)
+}
+
+struct Gen<'a, 'ctx> {
+    ctx: &'ctx Context,
+    module: &'a Module<'ctx>,
+    b: Builder<'ctx>,
+    func: FunctionValue<'ctx>,
+    g: &'a Gemm,
+    ix: BufIx,
+    bufs: Vec<PointerValue<'ctx>>,
+    /// The NF4 codebook (16 f32) and, for double quantization, the signed dynamic map (256 f32).
+    nf4_table: Option<GlobalValue<'ctx>>,
+    dyn_map: Option<GlobalValue<'ctx>>,
+}
+
+fn emit<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    g: &Gemm,
+    flavor: Flavor,
+    vw: usize,
+) -> Kr<FunctionValue<'ctx>> {
+    let name = g.symbol();
+    if module.get_function(&name).is_some() {
+        return Err(KernelError::DuplicateKernel(name));
+    }
+    let ptr = ctx.ptr_type(AddressSpace::default());
+    let i32t = ctx.i32_type();
+    let nbufs = g.buffers().len();
+    let fn_type = match flavor {
+        Flavor::Host => ctx.void_type().fn_type(&[ptr.into(), i32t.into(), i32t.into()], false),
+        Flavor::Nvptx => ctx.void_type().fn_type(&vec![ptr.into(); nbufs], false),
+    };
+    let func = module.add_function(&name, fn_type, None);
+    let b = ctx.create_builder();
+    b.position_at_end(ctx.append_basic_block(func, "entry"));
+    let bufs = match flavor {
+        Flavor::Host => {
+            let args = func.get_nth_param(0).expect("args param").into_pointer_value();
+            let mut bufs = Vec::new();
+            for k in 0..nbufs {
+                // SAFETY: `args` holds one pointer per buffer (the ABI).
+                let slot =
+                    unsafe { b.build_in_bounds_gep(ptr, args, &[ctx.i64_type().const_int(k as u64, false)], "")? };
+                bufs.push(b.build_load(ptr, slot, &format!("buf{k}"))?.into_pointer_value());
+            }
+            bufs
+        }
+        Flavor::Nvptx => {
+            set_ptx_kernel(func);
+            func.get_param_iter().map(|p| p.into_pointer_value()).collect()
+        }
+    };
+    let table_space = match flavor {
+        Flavor::Host => AddressSpace::default(),
+        Flavor::Nvptx => AddressSpace::from(1u16),
+    };
+    let const_table = |suffix: &str, vals: &[f32]| {
+        let f32t = ctx.f32_type();
+        let init: Vec<FloatValue> = vals.iter().map(|&v| f32t.const_float(v as f64)).collect();
+        let gl = module.add_global(f32t.array_type(vals.len() as u32), Some(table_space), &format!("{name}_{suffix}"));
+        gl.set_linkage(Linkage::Internal);
+        gl.set_constant(true);
+        gl.set_initializer(&f32t.const_array(&init));
+        gl
+    };
+    let (nf4_table, dyn_map) = match g.weight {
+        WeightFormat::F32 => (None, None),
+        WeightFormat::Nf4 { double_quant, .. } => (
+            Some(const_table("nf4", &ir::nf4::NF4_CODEBOOK)),
+            double_quant.map(|_| const_table("dynmap", &ir::nf4::dynamic_map_signed())),
+        ),
+    };
+    let mut gen = Gen { ctx, module, b, func, g, ix: g.buf_ix(), bufs, nf4_table, dyn_map };
+    match flavor {
+        Flavor::Host => gen.host(vw)?,
+        Flavor::Nvptx => gen.nvptx()?,
+    }
+    gen.b.build_return(None)?;
+    Ok(func)
+}
+
+/// Where the micro-kernel reads its A operand: per-row base pointers and the element stride along K.
+struct ARows<'ctx> {
+    rows: Vec<PointerValue<'ctx>>,
+    stride: IntValue<'ctx>,
+}
+
+impl<'a, 'ctx> Gen<'a, 'ctx> {
+    fn i64c(&self, v: u64) -> IntValue<'ctx> {
+        self.ctx.i64_type().const_int(v, false)
+    }
+    fn f32t(&self) -> FloatType<'ctx> {
+        self.ctx.f32_type()
+    }
+    fn f32c(&self, v: f64) -> FloatValue<'ctx> {
+        self.ctx.f32_type().const_float(v)
+    }
+
+    fn intrinsic(&self, name: &'static str, types: &[BasicTypeEnum<'ctx>]) -> Kr<FunctionValue<'ctx>> {
+        Intrinsic::find(name)
+            .and_then(|i| i.get_declaration(self.module, types))
+            .ok_or(KernelError::MissingIntrinsic(name))
+    }
+
+    fn call(&self, f: FunctionValue<'ctx>, args: &[BasicMetadataValueEnum<'ctx>]) -> Kr<BasicValueEnum<'ctx>> {
+        let call = self.b.build_call(f, args, "")?;
+        Ok(call.try_as_basic_value().basic().expect("intrinsic returns a value"))
+    }
+
+    fn sreg(&self, reg: Sreg) -> Kr<IntValue<'ctx>> {
+        let v = read_sreg(self.module, &self.b, reg, "")?;
+        Ok(self.b.build_int_z_extend(v, self.ctx.i64_type(), "")?)
+    }
+
+    fn add(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
+        Ok(self.b.build_int_nuw_add(a, b, "")?)
+    }
+    fn mul(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
+        Ok(self.b.build_int_nuw_mul(a, b, "")?)
+    }
+    fn mulc(&self, a: IntValue<'ctx>, c: usize) -> Kr<IntValue<'ctx>> {
+        self.mul(a, self.i64c(c as u64))
+    }
+    fn umin(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
+        let lt = self.b.build_int_compare(IntPredicate::ULT, a, b, "")?;
+        Ok(self.b.build_select(lt, a, b, "")?.into_int_value())
+    }
+    fn ult(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
+        Ok(self.b.build_int_compare(IntPredicate::ULT, a, b, "")?)
+    }
+
+    fn gep(&self, ty: impl BasicType<'ctx>, p: PointerValue<'ctx>, i: IntValue<'ctx>) -> Kr<PointerValue<'ctx>> {
+        // SAFETY: every index the templates build is inside its buffer (clamped or bounds-checked).
+        Ok(unsafe { self.b.build_in_bounds_gep(ty, p, &[i], "")? })
+    }
+    fn ld_f32(&self, p: PointerValue<'ctx>, i: IntValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let q = self.gep(self.f32t(), p, i)?;
+        Ok(self.b.build_load(self.f32t(), q, "")?.into_float_value())
+    }
+    fn st_f32(&self, p: PointerValue<'ctx>, i: IntValue<'ctx>, v: FloatValue<'ctx>) -> Kr<()> {
+        let q = self.gep(self.f32t(), p, i)?;
+        self.b.build_store(q, v)?;
+        Ok(())
+    }
+    fn ld_u8(&self, p: PointerValue<'ctx>, i: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
+        let i8t = self.ctx.i8_type();
+        let q = self.gep(i8t, p, i)?;
+        let v = self.b.build_load(i8t, q, "")?.into_int_value();
+        Ok(self.b.build_int_z_extend(v, self.ctx.i64_type(), "")?)
+    }
+    fn table(&self, t: GlobalValue<'ctx>, i: IntValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let ty = t.get_value_type().into_array_type();
+        // SAFETY: i < the table's length (a 4-bit or 8-bit code).
+        let q = unsafe { self.b.build_in_bounds_gep(ty, t.as_pointer_value(), &[self.i64c(0), i], "")? };
+        Ok(self.b.build_load(self.f32t(), q, "")?.into_float_value())
+    }
+    fn fma(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>, c: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let f = self.intrinsic("llvm.fma", &[self.f32t().as_basic_type_enum()])?;
+        Ok(self.call(f, &[a.into(), b.into(), c.into()])?.into_float_value())
+    }
+    fn select_f(&self, c: IntValue<'ctx>, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        Ok(self.b.build_select(c, a, b, "")?.into_float_value())
+    }
+
+    /// A counted loop `for i in (start..end).step_by(step)` carrying `init`; `body` returns the next values.
+    /// Returns the carried values after the loop.
+    #[allow(clippy::type_complexity)]
+    fn for_loop(
+        &mut self,
+        name: &str,
+        start: IntValue<'ctx>,
+        end: IntValue<'ctx>,
+        step: IntValue<'ctx>,
+        init: &[BasicValueEnum<'ctx>],
+        body: &mut dyn FnMut(&mut Self, IntValue<'ctx>, &[BasicValueEnum<'ctx>]) -> Kr<Vec<BasicValueEnum<'ctx>>>,
+    ) -> Kr<Vec<BasicValueEnum<'ctx>>> {
+        let pre = self.b.get_insert_block().expect("builder is positioned");
+        let header = self.ctx.append_basic_block(self.func, &format!("{name}.header"));
+        let body_bb = self.ctx.append_basic_block(self.func, &format!("{name}.body"));
+        let exit = self.ctx.append_basic_block(self.func, &format!("{name}.exit"));
+        self.b.build_unconditional_branch(header)?;
+        self.b.position_at_end(header);
+        let i = self.b.build_phi(start.get_type(), name)?;
+        let phis = init.iter().map(|v| self.b.build_phi(v.get_type(), "")).collect::<Result<Vec<_>, _>>()?;
+        let iv = i.as_basic_value().into_int_value();
+        let more = self.b.build_int_compare(IntPredicate::ULT, iv, end, "")?;
+        self.b.build_conditional_branch(more, body_bb, exit)?;
+        self.b.position_at_end(body_bb);
+        let carried: Vec<BasicValueEnum> = phis.iter().map(|p| p.as_basic_value()).collect();
+        let next_vals = body(self, iv, &carried)?;
+        let next = self.b.build_int_nuw_add(iv, step, "")?;
+        let latch = self.b.get_insert_block().expect("builder is positioned");
+        self.b.build_unconditional_branch(header)?;
+        i.add_incoming(&[(&start, pre), (&next, latch)]);
+        for ((phi, init), next) in phis.iter().zip(init).zip(&next_vals) {
+            phi.add_incoming(&[(init, pre), (next, latch)]);
+        }
+        self.b.position_at_end(exit);
+        Ok(carried)
+    }
+
+    /// Runs `f` where `cond` holds.
+    fn if_then(&mut self, cond: IntValue<'ctx>, f: &mut dyn FnMut(&mut Self) -> Kr<()>) -> Kr<()> {
+        let then = self.ctx.append_basic_block(self.func, "then");
+        let done = self.ctx.append_basic_block(self.func, "endif");
+        self.b.build_conditional_branch(cond, then, done)?;
+        self.b.position_at_end(then);
+        f(self)?;
+        self.b.build_unconditional_branch(done)?;
+        self.b.position_at_end(done);
+        Ok(())
+    }
+
+    // ---- The shared element loaders (both targets) ----
+
+    /// `op_a(A[bt])[i, k]`.
+    fn load_a(&self, bt: IntValue<'ctx>, i: IntValue<'ctx>, k: IntValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let g = self.g;
+        let e = if g.ta { self.add(self.mulc(k, g.m)?, i)? } else { self.add(self.mulc(i, g.k)?, k)? };
+        let e = self.add(self.mulc(bt, g.m * g.k)?, e)?;
+        self.ld_f32(self.bufs[self.ix.a], e)
+    }
+
+    /// `op_b(W[bt])[k, n]`: an f32 load, or the NF4 dequantization of that element.
+    fn load_w(&self, bt: IntValue<'ctx>, k: IntValue<'ctx>, n: IntValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let g = self.g;
+        let e = if g.tb { self.add(self.mulc(n, g.k)?, k)? } else { self.add(self.mulc(k, g.n)?, n)? };
+        match g.weight {
+            WeightFormat::F32 => {
+                let e = self.add(self.mulc(bt, g.k * g.n)?, e)?;
+                self.ld_f32(self.bufs[self.ix.w], e)
+            }
+            WeightFormat::Nf4 { block, double_quant } => self.dequant(e, block, double_quant),
+        }
+    }
+
+    /// Element `e` (row-major) of the NF4 weight, exactly as `ir::nf4::dequantize`.
+    fn dequant(&self, e: IntValue<'ctx>, block: usize, double_quant: Option<usize>) -> Kr<FloatValue<'ctx>> {
+        let b = &self.b;
+        let byte = self.ld_u8(self.bufs[self.ix.w], b.build_right_shift(e, self.i64c(1), false, "")?)?;
+        // Even elements in the high nibble: shift = 4·(1 − (e & 1)).
+        let odd = b.build_and(e, self.i64c(1), "")?;
+        let shift = b.build_left_shift(b.build_xor(odd, self.i64c(1), "")?, self.i64c(2), "")?;
+        let nib = b.build_and(b.build_right_shift(byte, shift, false, "")?, self.i64c(15), "nib")?;
+        let q = self.table(self.nf4_table.expect("NF4 table"), nib)?;
+        let blk = b.build_int_unsigned_div(e, self.i64c(block as u64), "blk")?;
+        let absmax_buf = self.bufs[self.ix.absmax.expect("absmax buffer")];
+        let absmax = match double_quant {
+            None => self.ld_f32(absmax_buf, blk)?,
+            Some(b2) => {
+                let code = self.ld_u8(absmax_buf, blk)?;
+                let mapped = self.table(self.dyn_map.expect("dynamic map"), code)?;
+                let blk2 = b.build_int_unsigned_div(blk, self.i64c(b2 as u64), "")?;
+                let a2 = self.ld_f32(self.bufs[self.ix.absmax2.expect("absmax2")], blk2)?;
+                let off = self.ld_f32(self.bufs[self.ix.offset.expect("offset")], self.i64c(0))?;
+                b.build_float_add(b.build_float_mul(mapped, a2, "")?, off, "absmax")?
+            }
+        };
+        Ok(b.build_float_mul(q, absmax, "w")?)
+    }
+
+    /// `op_b(B)[p, n]` of the LoRA term.
+    fn load_lora_b(&self, p: IntValue<'ctx>, n: IntValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let (g, r) = (self.g, self.g.lora.expect("lora").rank);
+        let e = if g.tb { self.add(self.mulc(n, r)?, p)? } else { self.add(self.mulc(p, g.n)?, n)? };
+        self.ld_f32(self.bufs[self.ix.lb.expect("lora b")], e)
+    }
+
+    /// `U[i, p]` of the LoRA term.
+    fn load_u(&self, i: IntValue<'ctx>, p: IntValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let r = self.g.lora.expect("lora").rank;
+        self.ld_f32(self.bufs[self.ix.u.expect("lora u")], self.add(self.mulc(i, r)?, p)?)
+    }
+
+    // ---- Host ----
+
+    fn host(&mut self, vw: usize) -> Kr<()> {
+        let g = self.g;
+        let i64t = self.ctx.i64_type();
+        let nr = 2 * vw;
+        let (m, n, k) = (self.i64c(g.m as u64), self.i64c(g.n as u64), self.i64c(g.k as u64));
+        let tid = self.func.get_nth_param(1).expect("tid").into_int_value();
+        let nth = self.func.get_nth_param(2).expect("nthreads").into_int_value();
+        let tid = self.b.build_int_z_extend(tid, i64t, "tid")?;
+        let nth = self.b.build_int_z_extend(nth, i64t, "nthreads")?;
+        let chunk = self.b.build_int_unsigned_div(
+            self.b.build_int_add(m, self.b.build_int_sub(nth, self.i64c(1), "")?, "")?,
+            nth,
+            "",
+        )?;
+        let mstart = self.umin(self.b.build_int_mul(tid, chunk, "")?, m)?;
+        let mend = self.umin(self.b.build_int_add(mstart, chunk, "")?, m)?;
+        let kc_max = if let Some(l) = g.lora { HOST_KC.max(l.rank) } else { HOST_KC };
+        let pack_ty = self.f32t().array_type((kc_max * nr) as u32);
+        let pack = self.b.build_alloca(pack_ty, "bpack")?;
+        pack.as_instruction().expect("alloca").set_alignment(64).map_err(|_| KernelError::MissingIntrinsic("align"))?;
+        let tile = self.b.build_alloca(self.f32t().array_type((HOST_MR * nr) as u32), "ctile")?;
+        tile.as_instruction().expect("alloca").set_alignment(64).map_err(|_| KernelError::MissingIntrinsic("align"))?;
+        let has_rows = self.ult(mstart, mend)?;
+        self.if_then(has_rows, &mut |s| {
+            s.for_loop("bt", s.i64c(0), s.i64c(g.batch as u64), s.i64c(1), &[], &mut |s, bt, _| {
+                s.for_loop("n0", s.i64c(0), n, s.i64c(nr as u64), &[], &mut |s, n0, _| {
+                    let ncols = s.umin(s.i64c(nr as u64), s.b.build_int_sub(n, n0, "")?)?;
+                    s.for_loop("k0", s.i64c(0), k, s.i64c(HOST_KC as u64), &[], &mut |s, k0, _| {
+                        let kc = s.umin(s.i64c(HOST_KC as u64), s.b.build_int_sub(k, k0, "")?)?;
+                        s.pack(pack, nr, k0, kc, n0, ncols, g.tb, &|s, kk, nn| s.load_w(bt, kk, nn))?;
+                        let first = s.b.build_int_compare(IntPredicate::EQ, k0, s.i64c(0), "first")?;
+                        s.row_groups(mstart, mend, &mut |s, i0, rows| {
+                            let a = s.a_rows(bt, &rows, k0)?;
+                            let acc = s.micro(vw, pack, &a, kc)?;
+                            s.store_tile(vw, tile, &acc, bt, i0, mend, n0, ncols, Epi::Base { first })
+                        })?;
+                        Ok(vec![])
+                    })?;
+                    if let Some(l) = g.lora {
+                        let r = s.i64c(l.rank as u64);
+                        s.pack(pack, nr, s.i64c(0), r, n0, ncols, g.tb, &|s, p, nn| s.load_lora_b(p, nn))?;
+                        s.row_groups(mstart, mend, &mut |s, i0, rows| {
+                            let mut ptrs = Vec::with_capacity(rows.len());
+                            for &row in &rows {
+                                ptrs.push(s.gep(s.f32t(), s.bufs[s.ix.u.expect("u")], s.mulc(row, l.rank)?)?);
+                            }
+                            let acc = s.micro(vw, pack, &ARows { rows: ptrs, stride: s.i64c(1) }, r)?;
+                            s.store_tile(vw, tile, &acc, bt, i0, mend, n0, ncols, Epi::Lora { s: l.s })
+                        })?;
+                    }
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+            Ok(())
+        })
+    }
+
+    /// Packs `op(k0 + kk, n0 + jj)` for kk < kc, jj < nr into `pack[kk·nr + jj]`, zero for jj ≥ ncols. The loop
+    /// order follows the source layout (`by_col`: K is contiguous).
+    #[allow(clippy::too_many_arguments)]
+    fn pack(
+        &mut self,
+        pack: PointerValue<'ctx>,
+        nr: usize,
+        k0: IntValue<'ctx>,
+        kc: IntValue<'ctx>,
+        n0: IntValue<'ctx>,
+        ncols: IntValue<'ctx>,
+        by_col: bool,
+        load: &dyn Fn(&Self, IntValue<'ctx>, IntValue<'ctx>) -> Kr<FloatValue<'ctx>>,
+    ) -> Kr<()> {
+        let nlast = self.i64c(self.g.n as u64 - 1);
+        let one = |s: &mut Self, kk: IntValue<'ctx>, jj: IntValue<'ctx>| -> Kr<()> {
+            let nn = s.umin(s.add(n0, jj)?, nlast)?;
+            let v = load(s, s.add(k0, kk)?, nn)?;
+            let v = s.select_f(s.ult(jj, ncols)?, v, s.f32c(0.0))?;
+            s.st_f32(pack, s.add(s.mulc(kk, nr)?, jj)?, v)
+        };
+        let (one_c, nr_c) = (self.i64c(1), self.i64c(nr as u64));
+        if by_col {
+            self.for_loop("pj", self.i64c(0), nr_c, one_c, &[], &mut |s, jj, _| {
+                s.for_loop("pk", s.i64c(0), kc, one_c, &[], &mut |s, kk, _| one(s, kk, jj).map(|_| vec![]))?;
+                Ok(vec![])
+            })?;
+        } else {
+            self.for_loop("pk", self.i64c(0), kc, one_c, &[], &mut |s, kk, _| {
+                s.for_loop("pj", s.i64c(0), nr_c, one_c, &[], &mut |s, jj, _| one(s, kk, jj).map(|_| vec![]))?;
+                Ok(vec![])
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Loops over the thread's rows in groups of `HOST_MR`; `body` gets the group's first row and its `HOST_MR` row
+    /// indices, clamped to the last row (the extra rows of an edge group are computed but not stored).
+    #[allow(clippy::type_complexity)]
+    fn row_groups(
+        &mut self,
+        mstart: IntValue<'ctx>,
+        mend: IntValue<'ctx>,
+        body: &mut dyn FnMut(&mut Self, IntValue<'ctx>, Vec<IntValue<'ctx>>) -> Kr<()>,
+    ) -> Kr<()> {
+        self.for_loop("i0", mstart, mend, self.i64c(HOST_MR as u64), &[], &mut |s, i0, _| {
+            let last = s.b.build_int_sub(mend, s.i64c(1), "")?;
+            let rows = (0..HOST_MR).map(|r| s.umin(s.add(i0, s.i64c(r as u64))?, last)).collect::<Kr<Vec<_>>>()?;
+            body(s, i0, rows)?;
+            Ok(vec![])
+        })?;
+        Ok(())
+    }
+
+    /// Base pointers of `op_a(A[bt])[row, k0..]` for each row, and the stride along K.
+    fn a_rows(&self, bt: IntValue<'ctx>, rows: &[IntValue<'ctx>], k0: IntValue<'ctx>) -> Kr<ARows<'ctx>> {
+        let g = self.g;
+        let base = self.gep(self.f32t(), self.bufs[self.ix.a], self.mulc(bt, g.m * g.k)?)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for &row in rows {
+            let e = if g.ta { self.add(row, self.mulc(k0, g.m)?)? } else { self.add(self.mulc(row, g.k)?, k0)? };
+            out.push(self.gep(self.f32t(), base, e)?);
+        }
+        Ok(ARows { rows: out, stride: self.i64c(if g.ta { g.m } else { 1 } as u64) })
+    }
+
+    /// The register-blocked micro-kernel: `HOST_MR` rows × 2 vectors of `vw` lanes, over `kc` values of K.
+    fn micro(
+        &mut self,
+        vw: usize,
+        pack: PointerValue<'ctx>,
+        a: &ARows<'ctx>,
+        kc: IntValue<'ctx>,
+    ) -> Kr<Vec<VectorValue<'ctx>>> {
+        let vt = self.f32t().vec_type(vw as u32);
+        let zero = vt.const_zero();
+        let init: Vec<BasicValueEnum> = (0..HOST_MR * 2).map(|_| zero.into()).collect();
+        let fma = self.intrinsic("llvm.fma", &[vt.as_basic_type_enum()])?;
+        let splat_mask = self.ctx.i32_type().vec_type(vw as u32).const_zero();
+        let nr = 2 * vw;
+        let acc = self.for_loop("kk", self.i64c(0), kc, self.i64c(1), &init, &mut |s, kk, acc| {
+            let mut bv = Vec::with_capacity(2);
+            for v in 0..2 {
+                let p = s.gep(s.f32t(), pack, s.add(s.mulc(kk, nr)?, s.i64c((v * vw) as u64))?)?;
+                let l = s.b.build_load(vt, p, "")?;
+                l.as_instruction_value()
+                    .expect("load")
+                    .set_alignment(4 * vw as u32)
+                    .map_err(|_| KernelError::MissingIntrinsic("align"))?;
+                bv.push(l.into_vector_value());
+            }
+            let off = s.mul(kk, a.stride)?;
+            let mut next = Vec::with_capacity(acc.len());
+            for (r, &row) in a.rows.iter().enumerate() {
+                let x = s.ld_f32(row, off)?;
+                let ins = s.b.build_insert_element(vt.get_poison(), x, s.ctx.i32_type().const_zero(), "")?;
+                let xs = s.b.build_shuffle_vector(ins, vt.get_poison(), splat_mask, "")?;
+                for v in 0..2 {
+                    let c = acc[r * 2 + v].into_vector_value();
+                    next.push(s.call(fma, &[xs.into(), bv[v].into(), c.into()])?);
+                }
+            }
+            Ok(next)
+        })?;
+        Ok(acc.into_iter().map(|v| v.into_vector_value()).collect())
+    }
+
+    /// Writes the micro-kernel's tile to the output through the stack tile: rows `i0..min(i0 + MR, mend)`, columns
+    /// `n0..n0 + ncols`.
+    #[allow(clippy::too_many_arguments)]
+    fn store_tile(
+        &mut self,
+        vw: usize,
+        tile: PointerValue<'ctx>,
+        acc: &[VectorValue<'ctx>],
+        bt: IntValue<'ctx>,
+        i0: IntValue<'ctx>,
+        mend: IntValue<'ctx>,
+        n0: IntValue<'ctx>,
+        ncols: IntValue<'ctx>,
+        epi: Epi<'ctx>,
+    ) -> Kr<()> {
+        let nr = 2 * vw;
+        for (i, v) in acc.iter().enumerate() {
+            let p = self.gep(self.f32t(), tile, self.i64c((i * vw) as u64))?;
+            let st = self.b.build_store(p, *v)?;
+            st.set_alignment(4 * vw as u32).map_err(|_| KernelError::MissingIntrinsic("align"))?;
+        }
+        let g = self.g;
+        let out = self.gep(self.f32t(), self.bufs[self.ix.out], self.mulc(bt, g.m * g.n)?)?;
+        let nrows = self.umin(self.i64c(HOST_MR as u64), self.b.build_int_sub(mend, i0, "")?)?;
+        let one = self.i64c(1);
+        self.for_loop("er", self.i64c(0), nrows, one, &[], &mut |s, r, _| {
+            let crow = s.gep(s.f32t(), out, s.add(s.mulc(s.add(i0, r)?, g.n)?, n0)?)?;
+            let trow = s.gep(s.f32t(), tile, s.mulc(r, nr)?)?;
+            s.for_loop("ej", s.i64c(0), ncols, one, &[], &mut |s, j, _| {
+                let t = s.ld_f32(trow, j)?;
+                let c = s.ld_f32(crow, j)?;
+                let v = match epi {
+                    Epi::Base { first } => {
+                        let c = s.select_f(first, s.f32c(0.0), c)?;
+                        s.b.build_float_add(c, t, "")?
+                    }
+                    Epi::Lora { s: scale } => s.fma(s.f32c(scale), t, c)?,
+                };
+                s.st_f32(crow, j, v)?;
+                Ok(vec![])
+            })?;
+            Ok(vec![])
+        })?;
+        Ok(())
+    }
+
+    // ---- NVPTX ----
+
+    fn shared(&self, suffix: &str, len: usize) -> GlobalValue<'ctx> {
+        let ty = self.f32t().array_type(len as u32);
+        let gl = self.module.add_global(ty, Some(AddressSpace::from(3u16)), &format!("{}_{suffix}", self.g.symbol()));
+        gl.set_linkage(Linkage::Internal);
+        gl.set_initializer(&ty.get_undef());
+        gl.set_alignment(16);
+        gl
+    }
+
+    fn barrier(&self) -> Kr<()> {
+        let f = self.intrinsic("llvm.nvvm.barrier.cta.sync.aligned.all", &[])?;
+        self.b.build_call(f, &[self.ctx.i32_type().const_zero().into()], "")?;
+        Ok(())
+    }
+
+    fn nvptx(&mut self) -> Kr<()> {
+        let g = self.g;
+        let (bm, bn, bk) = (GPU_TILE_M, GPU_TILE_N, GPU_TILE_K);
+        let nthreads = GPU_BLOCK_THREADS as usize;
+        let a_sh = self.shared("as", bk * bm).as_pointer_value();
+        let b_sh = self.shared("bs", bk * bn).as_pointer_value();
+        let tid = self.sreg(Sreg::TidX)?;
+        let tx = self.b.build_and(tid, self.i64c(15), "tx")?;
+        let ty = self.b.build_right_shift(tid, self.i64c(4), false, "ty")?;
+        let m0 = self.mulc(self.sreg(Sreg::CtaIdY)?, bm)?;
+        let n0 = self.mulc(self.sreg(Sreg::CtaIdX)?, bn)?;
+        let (m, n, k) = (self.i64c(g.m as u64), self.i64c(g.n as u64), self.i64c(g.k as u64));
+        let (mlast, nlast, klast) =
+            (self.i64c(g.m as u64 - 1), self.i64c(g.n as u64 - 1), self.i64c(g.k.max(1) as u64 - 1));
+        let one = self.i64c(1);
+        self.for_loop("bt", self.i64c(0), self.i64c(g.batch as u64), one, &[], &mut |s, bt, _| {
+            let init: Vec<BasicValueEnum> = (0..GPU_TM * GPU_TN).map(|_| s.f32c(0.0).into()).collect();
+            let acc = s.for_loop("k0", s.i64c(0), k, s.i64c(bk as u64), &init, &mut |s, k0, acc| {
+                // Prologue: the A tile and the weight tile (NF4 dequantized here) into shared memory.
+                for q in 0..(bm * bk) / nthreads {
+                    let e = s.add(tid, s.i64c((q * nthreads) as u64))?;
+                    let (row, kk) = if g.ta {
+                        (s.b.build_and(e, s.i64c(bm as u64 - 1), "")?, s.b.build_right_shift(e, s.i64c(6), false, "")?)
+                    } else {
+                        (s.b.build_right_shift(e, s.i64c(4), false, "")?, s.b.build_and(e, s.i64c(bk as u64 - 1), "")?)
+                    };
+                    let (gi, gk) = (s.add(m0, row)?, s.add(k0, kk)?);
+                    let ok = s.b.build_and(s.ult(gi, m)?, s.ult(gk, k)?, "")?;
+                    let v = s.load_a(bt, s.umin(gi, mlast)?, s.umin(gk, klast)?)?;
+                    let v = s.select_f(ok, v, s.f32c(0.0))?;
+                    s.st_f32(a_sh, s.add(s.mulc(kk, bm)?, row)?, v)?;
+                }
+                for q in 0..(bn * bk) / nthreads {
+                    let e = s.add(tid, s.i64c((q * nthreads) as u64))?;
+                    let (col, kk) = if g.tb {
+                        (s.b.build_right_shift(e, s.i64c(4), false, "")?, s.b.build_and(e, s.i64c(bk as u64 - 1), "")?)
+                    } else {
+                        (s.b.build_and(e, s.i64c(bn as u64 - 1), "")?, s.b.build_right_shift(e, s.i64c(6), false, "")?)
+                    };
+                    let (gn, gk) = (s.add(n0, col)?, s.add(k0, kk)?);
+                    let ok = s.b.build_and(s.ult(gn, n)?, s.ult(gk, k)?, "")?;
+                    let v = s.load_w(bt, s.umin(gk, klast)?, s.umin(gn, nlast)?)?;
+                    let v = s.select_f(ok, v, s.f32c(0.0))?;
+                    s.st_f32(b_sh, s.add(s.mulc(kk, bn)?, col)?, v)?;
+                }
+                s.barrier()?;
+                let mut acc: Vec<FloatValue> = acc.iter().map(|v| v.into_float_value()).collect();
+                let (ar, bc) = (s.mulc(ty, GPU_TM)?, s.mulc(tx, GPU_TN)?);
+                for kk in 0..bk {
+                    let av = (0..GPU_TM)
+                        .map(|i| s.ld_f32(a_sh, s.add(s.i64c((kk * bm + i) as u64), ar)?))
+                        .collect::<Kr<Vec<_>>>()?;
+                    let bv = (0..GPU_TN)
+                        .map(|j| s.ld_f32(b_sh, s.add(s.i64c((kk * bn + j) as u64), bc)?))
+                        .collect::<Kr<Vec<_>>>()?;
+                    for i in 0..GPU_TM {
+                        for j in 0..GPU_TN {
+                            acc[i * GPU_TN + j] = s.fma(av[i], bv[j], acc[i * GPU_TN + j])?;
+                        }
+                    }
+                }
+                s.barrier()?;
+                Ok(acc.into_iter().map(|v| v.as_basic_value_enum()).collect())
+            })?;
+            // Epilogue: the LoRA rank update, bounds-checked stores.
+            let out = s.gep(s.f32t(), s.bufs[s.ix.out], s.mulc(bt, g.m * g.n)?)?;
+            for i in 0..GPU_TM {
+                for j in 0..GPU_TN {
+                    let row = s.add(s.add(m0, s.mulc(ty, GPU_TM)?)?, s.i64c(i as u64))?;
+                    let col = s.add(s.add(n0, s.mulc(tx, GPU_TN)?)?, s.i64c(j as u64))?;
+                    let ok = s.b.build_and(s.ult(row, m)?, s.ult(col, n)?, "")?;
+                    let v = acc[i * GPU_TN + j].into_float_value();
+                    s.if_then(ok, &mut |s| {
+                        let mut v = v;
+                        if let Some(l) = g.lora {
+                            let low = s.for_loop(
+                                "p",
+                                s.i64c(0),
+                                s.i64c(l.rank as u64),
+                                one,
+                                &[s.f32c(0.0).into()],
+                                &mut |s, p, a| {
+                                    let x =
+                                        s.fma(s.load_u(row, p)?, s.load_lora_b(p, col)?, a[0].into_float_value())?;
+                                    Ok(vec![x.into()])
+                                },
+                            )?;
+                            v = s.fma(s.f32c(l.s), low[0].into_float_value(), v)?;
+                        }
+                        s.st_f32(out, s.add(s.mulc(row, g.n)?, col)?, v)
+                    })?;
+                }
+            }
+            Ok(vec![])
+        })?;
+        Ok(())
+    }
+}
+
+/// What the host epilogue does with a tile.
+#[derive(Clone, Copy)]
+enum Epi<'ctx> {
+    /// `out = (first ? 0 : out) + tile`.
+    Base { first: IntValue<'ctx> },
+    /// `out += s · tile`.
+    Lora { s: f64 },
+}

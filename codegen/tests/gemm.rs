@@ -1,0 +1,276 @@
+//! GEMM kernels (`kernels::gemm` → `codegen::gemm`) against the reference interpreter.
+//!
+//! Each test builds a one-node graph (`matmul`, `qmatmul` or `lora_linear`), runs the interpreter (f32 mode) on
+//! random inputs, JIT-compiles the host kernel, runs it as 2 threads (tid 0 and 1) and compares every element within
+//! `atol + rtol·|ref|` with `atol = rtol = 1e-5·sqrt(K)` (f32 accumulation in another order than the f64 oracle,
+//! which rounds once; inputs are O(1)). NF4 dequantized values are checked bit for bit separately (an identity
+//! activation makes the output the dequantized weight). Every kernel's PTX assembles with ptxas for sm_80 and
+//! sm_90 (same missing-ptxas policy as `tests/lower.rs`).
+
+use codegen::gemm::{emit_host, gemm_to_ptx};
+use codegen::inkwell::context::Context;
+use codegen::inkwell::OptimizationLevel;
+use codegen::lower::optimize_host;
+use codegen::ptxas;
+use ir::interp::{run, Env, Precision, Tensor, Value};
+use ir::nf4::{self, Nf4Tensor};
+use ir::{Builder, DType, Nf4Format, Op, OutputKind, Type, ValueId};
+use kernels::gemm::{nf4_buffers, BufElem, Gemm};
+
+/// xorshift64*: reproducible inputs without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f64 / (1u64 << 24) as f64
+    }
+    fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+        (0..n).map(|_| (lo + (hi - lo) * self.next()) as f32).collect()
+    }
+}
+
+fn require_ptxas() -> bool {
+    if ptxas::find_ptxas().is_some() {
+        return true;
+    }
+    if std::env::var("TUNEC_ALLOW_NO_PTXAS").as_deref() == Ok("1") {
+        eprintln!("ptxas not found; skipping the ptxas checks because TUNEC_ALLOW_NO_PTXAS=1");
+        return false;
+    }
+    panic!(
+        "ptxas not found (TUNEC_PTXAS, ~/.cache/tunec/{}, PATH): run scripts/setup.sh, or set TUNEC_ALLOW_NO_PTXAS=1 \
+         to skip the ptxas checks",
+        ptxas::CACHED_PTXAS
+    );
+}
+
+/// A one-GEMM graph plus its input values.
+struct Case {
+    b: Builder,
+    env: Env,
+    rng: Rng,
+}
+
+impl Case {
+    fn new(name: &str, seed: u64) -> Case {
+        Case { b: Builder::new(name), env: Env::default(), rng: Rng::new(seed) }
+    }
+    fn input(&mut self, name: &str, shape: &[usize]) -> ValueId {
+        let data = self.rng.vec(shape.iter().product(), -1.0, 1.0);
+        self.input_data(name, shape, data)
+    }
+    fn input_data(&mut self, name: &str, shape: &[usize], data: Vec<f32>) -> ValueId {
+        self.env.inputs.insert(name.into(), Value::F(Tensor::from_f32(shape.to_vec(), &data)));
+        self.b.input(name, Type::f32(shape.to_vec())).unwrap()
+    }
+    fn nf4(&mut self, name: &str, shape: &[usize], double: bool) -> ValueId {
+        let data = self.rng.vec(shape.iter().product(), -0.5, 0.5);
+        let q = nf4::quantize(&data, shape, 64, double.then_some(256));
+        self.env.inputs.insert(name.into(), Value::Q(q));
+        let fmt = Nf4Format { block: 64, double_quant: double.then_some(256) };
+        self.b.input(name, Type::new(DType::Nf4(fmt), shape.to_vec())).unwrap()
+    }
+}
+
+/// Host buffers in ABI order.
+enum Buf {
+    F(Vec<f32>),
+    U(Vec<u8>),
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Runs the node `y` of the case as a host kernel (2 threads) and returns (kernel, kernel output, reference).
+fn run_case(c: Case, y: ValueId, check_ptx: bool) -> (Gemm, Vec<f32>, Vec<f64>) {
+    let mut b = c.b;
+    b.output(OutputKind::Metric("y".into()), y);
+    let g = b.finish();
+    let vals = run(&g, &c.env, Precision::F32).expect("interpreter");
+    let gemm = Gemm::from_node(&g, y, &format!("gemm:{}", g.name)).expect("a GEMM");
+    let specs = gemm.buffers();
+
+    let mut bufs: Vec<Buf> = Vec::new();
+    for &v in &g.node(y).inputs {
+        match &vals[v.index()] {
+            Value::F(t) => bufs.push(Buf::F(t.to_f32())),
+            Value::Q(q) => {
+                for raw in nf4_buffers(q) {
+                    let spec = &specs[bufs.len()];
+                    bufs.push(match spec.elem {
+                        BufElem::U8 => Buf::U(raw),
+                        BufElem::F32 => Buf::F(f32s(&raw)),
+                    });
+                }
+            }
+            other => panic!("unexpected input {other:?}"),
+        }
+    }
+    bufs.push(Buf::F(vec![f32::NAN; specs.last().unwrap().len]));
+    assert_eq!(bufs.len(), specs.len());
+    for (buf, spec) in bufs.iter().zip(&specs) {
+        let len = match buf {
+            Buf::F(v) => v.len(),
+            Buf::U(v) => v.len(),
+        };
+        assert_eq!(len, spec.len, "buffer {}", spec.name);
+    }
+    let mut ptrs: Vec<*mut u8> = bufs
+        .iter_mut()
+        .map(|b| match b {
+            Buf::F(v) => v.as_mut_ptr() as *mut u8,
+            Buf::U(v) => v.as_mut_ptr(),
+        })
+        .collect();
+
+    let ctx = Context::create();
+    let module = ctx.create_module(&gemm.symbol());
+    emit_host(&ctx, &module, &gemm).expect("emit host");
+    optimize_host(&module).unwrap_or_else(|e| panic!("{}: {e}\n{}", gemm.name, module.print_to_string()));
+    let engine = module.create_jit_execution_engine(OptimizationLevel::Aggressive).expect("JIT");
+    type HostKernel = unsafe extern "C" fn(*const *mut u8, i32, i32);
+    // SAFETY: emit_host defines `void sym(ptr, i32, i32)`.
+    let kernel = unsafe { engine.get_function::<HostKernel>(&gemm.symbol()) }.expect("kernel symbol");
+    for tid in 0..2 {
+        // SAFETY: one pointer per buffer, each with the buffer's element count (the kernel ABI).
+        unsafe { kernel.call(ptrs.as_mut_ptr() as *const *mut u8, tid, 2) };
+    }
+    let Some(Buf::F(got)) = bufs.pop() else { unreachable!() };
+
+    if check_ptx && require_ptxas() {
+        for sm in [80, 90] {
+            let ptx = gemm_to_ptx(&gemm, sm).unwrap_or_else(|e| panic!("{}: PTX for sm_{sm}: {e}", gemm.name));
+            assert!(ptx.contains(&format!(".entry {}", gemm.symbol())), "{ptx}");
+            assert!(ptx.contains(".shared") && ptx.contains("bar.sync") && ptx.contains("fma.rn.f32"), "{ptx}");
+            let report = ptxas::assemble(&ptx, sm).unwrap_or_else(|e| panic!("{} sm_{sm}: {e}\n{ptx}", gemm.name));
+            let k = report.kernel(&gemm.symbol()).expect("kernel in the ptxas report");
+            eprintln!(
+                "ptxas sm_{sm} {}: {} registers, {} B shared, spill stores {} B, spill loads {} B, stack {} B",
+                gemm.symbol(),
+                k.registers,
+                k.shared_bytes,
+                k.spill_store_bytes,
+                k.spill_load_bytes,
+                k.stack_frame_bytes
+            );
+        }
+    }
+    let want = vals[y.index()].as_f().expect("float output").data.clone();
+    (gemm, got, want)
+}
+
+fn assert_close(gemm: &Gemm, got: &[f32], want: &[f64]) {
+    assert_eq!(got.len(), want.len());
+    let tol = 1e-5 * (gemm.k as f64).sqrt().max(1.0);
+    for (i, (&x, &w)) in got.iter().zip(want).enumerate() {
+        let ok = (x as f64 - w).abs() <= tol + tol * w.abs();
+        assert!(ok, "{} ({gemm:?}) element {i}: got {x}, want {w}", gemm.name);
+    }
+}
+
+const MM_SHAPES: [(usize, usize, usize); 7] =
+    [(3, 3, 3), (3, 50, 783), (50, 783, 3), (783, 3, 50), (50, 50, 50), (783, 50, 783), (50, 783, 783)];
+
+#[test]
+fn matmul_matches_reference() {
+    for (ta, tb) in [(false, false), (false, true), (true, false)] {
+        for (i, &(m, n, k)) in MM_SHAPES.iter().enumerate() {
+            let mut c = Case::new("mm", (i * 4 + ta as usize * 2 + tb as usize) as u64);
+            let a = c.input("a", &if ta { [k, m] } else { [m, k] });
+            let b = c.input("b", &if tb { [n, k] } else { [k, n] });
+            let y = c.b.matmul(a, b, ta, tb).unwrap();
+            let (gemm, got, want) = run_case(c, y, i < 3);
+            assert_close(&gemm, &got, &want);
+        }
+    }
+}
+
+#[test]
+fn batched_matmul_matches_reference() {
+    for (ta, tb) in [(false, false), (false, true), (true, false)] {
+        for &(bt, m, n, k) in &[(2, 50, 3, 783), (3, 7, 50, 50)] {
+            let mut c = Case::new("bmm", (bt * m + n) as u64);
+            let a = c.input("a", &if ta { [bt, k, m] } else { [bt, m, k] });
+            let b = c.input("b", &if tb { [bt, n, k] } else { [bt, k, n] });
+            let y = c.b.matmul(a, b, ta, tb).unwrap();
+            let (gemm, got, want) = run_case(c, y, true);
+            assert_eq!(gemm.batch, bt);
+            assert_close(&gemm, &got, &want);
+        }
+    }
+}
+
+/// K = 64·k + odd: the weight's last NF4 block is short (and blocks straddle rows).
+const Q_SHAPES: [(usize, usize, usize); 4] = [(3, 50, 131), (50, 3, 783), (783, 50, 67), (50, 50, 50)];
+
+#[test]
+fn qmatmul_matches_reference() {
+    for double in [true, false] {
+        for tb in [true, false] {
+            for (i, &(m, n, k)) in Q_SHAPES.iter().enumerate() {
+                let mut c = Case::new("qmm", (i * 4 + double as usize * 2 + tb as usize) as u64);
+                let x = c.input("x", &[m, k]);
+                let q = c.nf4("q", &if tb { [n, k] } else { [k, n] }, double);
+                let y = c.b.op(Op::QMatMul { tb }, &[x, q]).unwrap();
+                let (gemm, got, want) = run_case(c, y, i == 0);
+                assert_close(&gemm, &got, &want);
+            }
+        }
+    }
+}
+
+/// With x = I, qmatmul's output is the dequantized weight (transposed for tb): it must be bit-exact.
+#[test]
+fn qmatmul_dequantizes_bit_exactly() {
+    for double in [true, false] {
+        for tb in [true, false] {
+            let (k, n) = (131, 50);
+            let mut c = Case::new("qid", 7 + double as u64 * 2 + tb as u64);
+            let eye: Vec<f32> = (0..k * k).map(|i| if i / k == i % k { 1.0 } else { 0.0 }).collect();
+            let x = c.input_data("x", &[k, k], eye);
+            let q = c.nf4("q", &if tb { [n, k] } else { [k, n] }, double);
+            let Value::Q(qt) = c.env.inputs["q"].clone() else { unreachable!() };
+            let y = c.b.op(Op::QMatMul { tb }, &[x, q]).unwrap();
+            let (_, got, _) = run_case(c, y, false);
+            let w = nf4::dequantize(&qt);
+            for kk in 0..k {
+                for nn in 0..n {
+                    let want = if tb { w[nn * k + kk] } else { w[kk * n + nn] };
+                    assert_eq!(got[kk * n + nn], want, "double {double} tb {tb} at ({kk}, {nn})");
+                }
+            }
+            check_absmax_roundtrip(&qt);
+        }
+    }
+}
+
+fn check_absmax_roundtrip(q: &Nf4Tensor) {
+    assert!(!q.packed.is_empty() && q.num_blocks() * q.block >= q.numel());
+}
+
+#[test]
+fn lora_linear_matches_reference() {
+    for nf4w in [false, true] {
+        for tb in [true, false] {
+            for (i, &(m, n, k, r)) in [(3, 50, 131, 8), (50, 783, 50, 3), (783, 3, 783, 16)].iter().enumerate() {
+                let mut c = Case::new("lora", (i * 4 + nf4w as usize * 2 + tb as usize) as u64);
+                let x = c.input("x", &[m, k]);
+                let wshape = if tb { [n, k] } else { [k, n] };
+                let w = if nf4w { c.nf4("w", &wshape, true) } else { c.input("w", &wshape) };
+                let u = c.input("u", &[m, r]);
+                let lb = c.input("b", &if tb { [n, r] } else { [r, n] });
+                let y = c.b.op(Op::LoraLinear { s: 0.5, tb }, &[x, w, u, lb]).unwrap();
+                let (gemm, got, want) = run_case(c, y, i == 0);
+                assert_eq!(gemm.lora.map(|l| l.rank), Some(r));
+                assert_close(&gemm, &got, &want);
+            }
+        }
+    }
+}
