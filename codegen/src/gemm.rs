@@ -36,22 +36,19 @@
 use inkwell::attributes::AttributeLoc;
 use inkwell::builder::Builder;
 use inkwell::context::Context;
-use inkwell::intrinsics::Intrinsic;
 use inkwell::module::{Linkage, Module};
 use inkwell::targets::TargetMachine;
-use inkwell::types::{BasicType, BasicTypeEnum, FloatType};
+use inkwell::types::{BasicType, FloatType};
 use inkwell::values::{
-    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue, GlobalValue, IntValue, PointerValue,
-    VectorValue,
+    BasicValue, BasicValueEnum, FloatValue, FunctionValue, GlobalValue, IntValue, PointerValue, VectorValue,
 };
 use inkwell::{AddressSpace, IntPredicate};
 use kernels::gemm::{BufIx, Gemm, WeightFormat};
-use kernels::{read_sreg, set_ptx_kernel, KernelError, Sreg};
+use kernels::{KernelError, Sreg};
 
+use crate::emit::{kernel_fn, Emit, Kr};
 use crate::lower::Flavor;
 use crate::CodegenError;
-
-type Kr<T> = Result<T, KernelError>;
 
 /// Host micro-kernel rows.
 pub const HOST_MR: usize = 6;
@@ -136,36 +133,7 @@ fn emit<'ctx>(
     vw: usize,
 ) -> Kr<FunctionValue<'ctx>> {
     let name = g.symbol();
-    if module.get_function(&name).is_some() {
-        return Err(KernelError::DuplicateKernel(name));
-    }
-    let ptr = ctx.ptr_type(AddressSpace::default());
-    let i32t = ctx.i32_type();
-    let nbufs = g.buffers().len();
-    let fn_type = match flavor {
-        Flavor::Host => ctx.void_type().fn_type(&[ptr.into(), i32t.into(), i32t.into()], false),
-        Flavor::Nvptx => ctx.void_type().fn_type(&vec![ptr.into(); nbufs], false),
-    };
-    let func = module.add_function(&name, fn_type, None);
-    let b = ctx.create_builder();
-    b.position_at_end(ctx.append_basic_block(func, "entry"));
-    let bufs = match flavor {
-        Flavor::Host => {
-            let args = func.get_nth_param(0).expect("args param").into_pointer_value();
-            let mut bufs = Vec::new();
-            for k in 0..nbufs {
-                // SAFETY: `args` holds one pointer per buffer (the ABI).
-                let slot =
-                    unsafe { b.build_in_bounds_gep(ptr, args, &[ctx.i64_type().const_int(k as u64, false)], "")? };
-                bufs.push(b.build_load(ptr, slot, &format!("buf{k}"))?.into_pointer_value());
-            }
-            bufs
-        }
-        Flavor::Nvptx => {
-            set_ptx_kernel(func);
-            func.get_param_iter().map(|p| p.into_pointer_value()).collect()
-        }
-    };
+    let (func, b, bufs) = kernel_fn(ctx, module, &name, g.buffers().len(), flavor)?;
     let table_space = match flavor {
         Flavor::Host => AddressSpace::default(),
         Flavor::Nvptx => AddressSpace::from(1u16),
@@ -201,31 +169,27 @@ struct ARows<'ctx> {
     stride: IntValue<'ctx>,
 }
 
-impl<'a, 'ctx> Gen<'a, 'ctx> {
-    fn i64c(&self, v: u64) -> IntValue<'ctx> {
-        self.ctx.i64_type().const_int(v, false)
+impl<'ctx> Emit<'ctx> for Gen<'_, 'ctx> {
+    /// Every loop here counts up from a non-negative start.
+    const UNSIGNED_LOOPS: bool = true;
+
+    fn ctx(&self) -> &'ctx Context {
+        self.ctx
     }
+    fn module(&self) -> &Module<'ctx> {
+        self.module
+    }
+    fn b(&self) -> &Builder<'ctx> {
+        &self.b
+    }
+    fn func(&self) -> FunctionValue<'ctx> {
+        self.func
+    }
+}
+
+impl<'a, 'ctx> Gen<'a, 'ctx> {
     fn f32t(&self) -> FloatType<'ctx> {
         self.ctx.f32_type()
-    }
-    fn f32c(&self, v: f64) -> FloatValue<'ctx> {
-        self.ctx.f32_type().const_float(v)
-    }
-
-    fn intrinsic(&self, name: &'static str, types: &[BasicTypeEnum<'ctx>]) -> Kr<FunctionValue<'ctx>> {
-        Intrinsic::find(name)
-            .and_then(|i| i.get_declaration(self.module, types))
-            .ok_or(KernelError::MissingIntrinsic(name))
-    }
-
-    fn call(&self, f: FunctionValue<'ctx>, args: &[BasicMetadataValueEnum<'ctx>]) -> Kr<BasicValueEnum<'ctx>> {
-        let call = self.b.build_call(f, args, "")?;
-        Ok(call.try_as_basic_value().basic().expect("intrinsic returns a value"))
-    }
-
-    fn sreg(&self, reg: Sreg) -> Kr<IntValue<'ctx>> {
-        let v = read_sreg(self.module, &self.b, reg, "")?;
-        Ok(self.b.build_int_z_extend(v, self.ctx.i64_type(), "")?)
     }
 
     fn add(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
@@ -237,27 +201,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     fn mulc(&self, a: IntValue<'ctx>, c: usize) -> Kr<IntValue<'ctx>> {
         self.mul(a, self.i64c(c as u64))
     }
-    fn umin(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
-        let lt = self.b.build_int_compare(IntPredicate::ULT, a, b, "")?;
-        Ok(self.b.build_select(lt, a, b, "")?.into_int_value())
-    }
     fn ult(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
         Ok(self.b.build_int_compare(IntPredicate::ULT, a, b, "")?)
     }
 
-    fn gep(&self, ty: impl BasicType<'ctx>, p: PointerValue<'ctx>, i: IntValue<'ctx>) -> Kr<PointerValue<'ctx>> {
-        // SAFETY: every index the templates build is inside its buffer (clamped or bounds-checked).
-        Ok(unsafe { self.b.build_in_bounds_gep(ty, p, &[i], "")? })
-    }
-    fn ld_f32(&self, p: PointerValue<'ctx>, i: IntValue<'ctx>) -> Kr<FloatValue<'ctx>> {
-        let q = self.gep(self.f32t(), p, i)?;
-        Ok(self.b.build_load(self.f32t(), q, "")?.into_float_value())
-    }
-    fn st_f32(&self, p: PointerValue<'ctx>, i: IntValue<'ctx>, v: FloatValue<'ctx>) -> Kr<()> {
-        let q = self.gep(self.f32t(), p, i)?;
-        self.b.build_store(q, v)?;
-        Ok(())
-    }
     fn ld_u8(&self, p: PointerValue<'ctx>, i: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
         let i8t = self.ctx.i8_type();
         let q = self.gep(i8t, p, i)?;
@@ -266,65 +213,13 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     }
     fn table(&self, t: GlobalValue<'ctx>, i: IntValue<'ctx>) -> Kr<FloatValue<'ctx>> {
         let ty = t.get_value_type().into_array_type();
-        // SAFETY: i < the table's length (a 4-bit or 8-bit code).
-        let q = unsafe { self.b.build_in_bounds_gep(ty, t.as_pointer_value(), &[self.i64c(0), i], "")? };
+        // i < the table's length (a 4-bit or 8-bit code).
+        let q = self.arr_gep(ty, t.as_pointer_value(), i)?;
         Ok(self.b.build_load(self.f32t(), q, "")?.into_float_value())
     }
     fn fma(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>, c: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
         let f = self.intrinsic("llvm.fma", &[self.f32t().as_basic_type_enum()])?;
         Ok(self.call(f, &[a.into(), b.into(), c.into()])?.into_float_value())
-    }
-    fn select_f(&self, c: IntValue<'ctx>, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
-        Ok(self.b.build_select(c, a, b, "")?.into_float_value())
-    }
-
-    /// A counted loop `for i in (start..end).step_by(step)` carrying `init`; `body` returns the next values.
-    /// Returns the carried values after the loop.
-    #[allow(clippy::type_complexity)]
-    fn for_loop(
-        &mut self,
-        name: &str,
-        start: IntValue<'ctx>,
-        end: IntValue<'ctx>,
-        step: IntValue<'ctx>,
-        init: &[BasicValueEnum<'ctx>],
-        body: &mut dyn FnMut(&mut Self, IntValue<'ctx>, &[BasicValueEnum<'ctx>]) -> Kr<Vec<BasicValueEnum<'ctx>>>,
-    ) -> Kr<Vec<BasicValueEnum<'ctx>>> {
-        let pre = self.b.get_insert_block().expect("builder is positioned");
-        let header = self.ctx.append_basic_block(self.func, &format!("{name}.header"));
-        let body_bb = self.ctx.append_basic_block(self.func, &format!("{name}.body"));
-        let exit = self.ctx.append_basic_block(self.func, &format!("{name}.exit"));
-        self.b.build_unconditional_branch(header)?;
-        self.b.position_at_end(header);
-        let i = self.b.build_phi(start.get_type(), name)?;
-        let phis = init.iter().map(|v| self.b.build_phi(v.get_type(), "")).collect::<Result<Vec<_>, _>>()?;
-        let iv = i.as_basic_value().into_int_value();
-        let more = self.b.build_int_compare(IntPredicate::ULT, iv, end, "")?;
-        self.b.build_conditional_branch(more, body_bb, exit)?;
-        self.b.position_at_end(body_bb);
-        let carried: Vec<BasicValueEnum> = phis.iter().map(|p| p.as_basic_value()).collect();
-        let next_vals = body(self, iv, &carried)?;
-        let next = self.b.build_int_nuw_add(iv, step, "")?;
-        let latch = self.b.get_insert_block().expect("builder is positioned");
-        self.b.build_unconditional_branch(header)?;
-        i.add_incoming(&[(&start, pre), (&next, latch)]);
-        for ((phi, init), next) in phis.iter().zip(init).zip(&next_vals) {
-            phi.add_incoming(&[(init, pre), (next, latch)]);
-        }
-        self.b.position_at_end(exit);
-        Ok(carried)
-    }
-
-    /// Runs `f` where `cond` holds.
-    fn if_then(&mut self, cond: IntValue<'ctx>, f: &mut dyn FnMut(&mut Self) -> Kr<()>) -> Kr<()> {
-        let then = self.ctx.append_basic_block(self.func, "then");
-        let done = self.ctx.append_basic_block(self.func, "endif");
-        self.b.build_conditional_branch(cond, then, done)?;
-        self.b.position_at_end(then);
-        f(self)?;
-        self.b.build_unconditional_branch(done)?;
-        self.b.position_at_end(done);
-        Ok(())
     }
 
     // ---- The shared element loaders (both targets) ----
@@ -392,20 +287,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
 
     fn host(&mut self, vw: usize) -> Kr<()> {
         let g = self.g;
-        let i64t = self.ctx.i64_type();
         let nr = 2 * vw;
         let (m, n, k) = (self.i64c(g.m as u64), self.i64c(g.n as u64), self.i64c(g.k as u64));
-        let tid = self.func.get_nth_param(1).expect("tid").into_int_value();
-        let nth = self.func.get_nth_param(2).expect("nthreads").into_int_value();
-        let tid = self.b.build_int_z_extend(tid, i64t, "tid")?;
-        let nth = self.b.build_int_z_extend(nth, i64t, "nthreads")?;
-        let chunk = self.b.build_int_unsigned_div(
-            self.b.build_int_add(m, self.b.build_int_sub(nth, self.i64c(1), "")?, "")?,
-            nth,
-            "",
-        )?;
-        let mstart = self.umin(self.b.build_int_mul(tid, chunk, "")?, m)?;
-        let mend = self.umin(self.b.build_int_add(mstart, chunk, "")?, m)?;
+        let (mstart, mend) = self.host_slice(m)?;
         let kc_max = if let Some(l) = g.lora { HOST_KC.max(l.rank) } else { HOST_KC };
         let pack_ty = self.f32t().array_type((kc_max * nr) as u32);
         let pack = self.b.build_alloca(pack_ty, "bpack")?;
@@ -612,12 +496,6 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         gl
     }
 
-    fn barrier(&self) -> Kr<()> {
-        let f = self.intrinsic("llvm.nvvm.barrier.cta.sync.aligned.all", &[])?;
-        self.b.build_call(f, &[self.ctx.i32_type().const_zero().into()], "")?;
-        Ok(())
-    }
-
     fn nvptx(&mut self) -> Kr<()> {
         let g = self.g;
         let (bm, bn, bk) = (GPU_TILE_M, GPU_TILE_N, GPU_TILE_K);
@@ -663,7 +541,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     let v = s.select_f(ok, v, s.f32c(0.0))?;
                     s.st_f32(b_sh, s.add(s.mulc(kk, bn)?, col)?, v)?;
                 }
-                s.barrier()?;
+                s.cta_barrier()?;
                 let mut acc: Vec<FloatValue> = acc.iter().map(|v| v.into_float_value()).collect();
                 let (ar, bc) = (s.mulc(ty, GPU_TM)?, s.mulc(tx, GPU_TN)?);
                 for kk in 0..bk {
@@ -679,7 +557,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                         }
                     }
                 }
-                s.barrier()?;
+                s.cta_barrier()?;
                 Ok(acc.into_iter().map(|v| v.as_basic_value_enum()).collect())
             })?;
             // Epilogue: the LoRA rank update, bounds-checked stores.

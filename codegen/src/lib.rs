@@ -7,6 +7,7 @@
 //! and plan writing come next.
 
 pub mod build;
+mod emit;
 pub mod error;
 pub mod gemm;
 pub mod host;

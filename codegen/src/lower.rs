@@ -23,18 +23,16 @@ use std::collections::HashMap;
 
 use inkwell::builder::Builder;
 use inkwell::context::Context;
-use inkwell::intrinsics::Intrinsic;
 use inkwell::module::{Linkage, Module};
 use inkwell::passes::PassBuilderOptions;
 use inkwell::targets::{CodeModel, InitializationConfig, RelocMode, Target, TargetMachine};
-use inkwell::types::{BasicType, BasicTypeEnum};
-use inkwell::values::{
-    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue, GlobalValue, IntValue, PointerValue,
-};
+use inkwell::types::BasicTypeEnum;
+use inkwell::values::{BasicValue, BasicValueEnum, FloatValue, FunctionValue, GlobalValue, IntValue, PointerValue};
 use inkwell::{AddressSpace, FloatPredicate, IntPredicate, OptimizationLevel};
 use kernels::loops::{index_map, row_input, Elem, ExprId, ExprOp, IndexMap, Iteration, LoopNest};
-use kernels::{read_sreg, set_ptx_kernel, KernelError, Sreg};
+use kernels::Sreg;
 
+use crate::emit::{kernel_fn, Emit, Kr, Red};
 use crate::CodegenError;
 
 /// A good `blockDim.x` for row kernels on the GPU (any multiple of 32 up to 1024 is valid).
@@ -46,8 +44,6 @@ pub enum Flavor {
     Host,
     Nvptx,
 }
-
-type Kr<T> = Result<T, KernelError>;
 
 /// Adds the host function for `nest` to `module` (see the module docs for its ABI).
 pub fn emit_host<'ctx>(
@@ -114,12 +110,6 @@ struct Ix<'ctx> {
     rc: Option<(IntValue<'ctx>, IntValue<'ctx>)>,
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Red {
-    Sum,
-    Max,
-}
-
 struct Gen<'a, 'ctx> {
     ctx: &'ctx Context,
     module: &'a Module<'ctx>,
@@ -140,39 +130,10 @@ struct Gen<'a, 'ctx> {
 
 fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, nest: &LoopNest, flavor: Flavor) -> Kr<FunctionValue<'ctx>> {
     let name = nest.symbol();
-    if module.get_function(&name).is_some() {
-        return Err(KernelError::DuplicateKernel(name));
+    let (func, b, bufs) = kernel_fn(ctx, module, &name, nest.buffers.len(), flavor)?;
+    if flavor == Flavor::Host {
+        func.get_nth_param(0).expect("args param").set_name("args");
     }
-    let ptr = ctx.ptr_type(AddressSpace::default());
-    let i32t = ctx.i32_type();
-    let fn_type = match flavor {
-        Flavor::Host => ctx.void_type().fn_type(&[ptr.into(), i32t.into(), i32t.into()], false),
-        Flavor::Nvptx => {
-            let params: Vec<_> = nest.buffers.iter().map(|_| ptr.into()).collect();
-            ctx.void_type().fn_type(&params, false)
-        }
-    };
-    let func = module.add_function(&name, fn_type, None);
-    let b = ctx.create_builder();
-    b.position_at_end(ctx.append_basic_block(func, "entry"));
-    let bufs = match flavor {
-        Flavor::Host => {
-            let args = func.get_nth_param(0).expect("args param").into_pointer_value();
-            args.set_name("args");
-            let mut bufs = Vec::new();
-            for k in 0..nest.buffers.len() {
-                // SAFETY: `args` holds one pointer per buffer (the ABI); k < buffers.len().
-                let slot =
-                    unsafe { b.build_in_bounds_gep(ptr, args, &[ctx.i64_type().const_int(k as u64, false)], "")? };
-                bufs.push(b.build_load(ptr, slot, &format!("buf{k}"))?.into_pointer_value());
-            }
-            bufs
-        }
-        Flavor::Nvptx => {
-            set_ptx_kernel(func);
-            func.get_param_iter().map(|p| p.into_pointer_value()).collect()
-        }
-    };
     let scratch = match (flavor, nest.iteration) {
         (Flavor::Nvptx, Iteration::Rows { .. }) => {
             let ty = ctx.f32_type().array_type(32);
@@ -205,47 +166,25 @@ fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, nest: &LoopNest, flavor
     Ok(func)
 }
 
+impl<'ctx> Emit<'ctx> for Gen<'_, 'ctx> {
+    fn ctx(&self) -> &'ctx Context {
+        self.ctx
+    }
+    fn module(&self) -> &Module<'ctx> {
+        self.module
+    }
+    fn b(&self) -> &Builder<'ctx> {
+        &self.b
+    }
+    fn func(&self) -> FunctionValue<'ctx> {
+        self.func
+    }
+}
+
 impl<'a, 'ctx> Gen<'a, 'ctx> {
-    fn i64c(&self, v: u64) -> IntValue<'ctx> {
-        self.ctx.i64_type().const_int(v, false)
-    }
-    fn i32c(&self, v: i64) -> IntValue<'ctx> {
-        self.ctx.i32_type().const_int(v as u64, true)
-    }
-    fn f32c(&self, v: f64) -> FloatValue<'ctx> {
-        self.ctx.f32_type().const_float(v)
-    }
-    fn f64c(&self, v: f64) -> FloatValue<'ctx> {
-        self.ctx.f64_type().const_float(v)
-    }
-
-    fn intrinsic(&self, name: &'static str, types: &[BasicTypeEnum<'ctx>]) -> Kr<FunctionValue<'ctx>> {
-        Intrinsic::find(name)
-            .and_then(|i| i.get_declaration(self.module, types))
-            .ok_or(KernelError::MissingIntrinsic(name))
-    }
-
-    fn call(&self, f: FunctionValue<'ctx>, args: &[BasicMetadataValueEnum<'ctx>]) -> Kr<BasicValueEnum<'ctx>> {
-        let call = self.b.build_call(f, args, "")?;
-        Ok(call.try_as_basic_value().basic().expect("intrinsic returns a value"))
-    }
-
-    /// `llvm.<name>.<type of x>` applied to float operands.
-    fn fcall(&self, name: &'static str, args: &[FloatValue<'ctx>]) -> Kr<FloatValue<'ctx>> {
-        let f = self.intrinsic(name, &[args[0].get_type().as_basic_type_enum()])?;
-        let args: Vec<BasicMetadataValueEnum> = args.iter().map(|&a| a.into()).collect();
-        Ok(self.call(f, &args)?.into_float_value())
-    }
-
-    fn sreg(&self, reg: Sreg) -> Kr<IntValue<'ctx>> {
-        let v = read_sreg(self.module, &self.b, reg, "")?;
-        Ok(self.b.build_int_z_extend(v, self.ctx.i64_type(), "")?)
-    }
-
-    /// A counted loop `for i in (start..end).step_by(step)` carrying `init` values; `body` returns the next values.
-    /// Returns the carried values after the loop.
+    /// [`Emit::for_loop`] with the expression memo scoped to the loop body (values computed inside stay inside).
     #[allow(clippy::type_complexity)]
-    fn for_loop(
+    fn scoped_loop(
         &mut self,
         name: &str,
         start: IntValue<'ctx>,
@@ -254,47 +193,20 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         init: &[BasicValueEnum<'ctx>],
         body: &mut dyn FnMut(&mut Self, IntValue<'ctx>, &[BasicValueEnum<'ctx>]) -> Kr<Vec<BasicValueEnum<'ctx>>>,
     ) -> Kr<Vec<BasicValueEnum<'ctx>>> {
-        let pre = self.b.get_insert_block().expect("builder is positioned");
-        let header = self.ctx.append_basic_block(self.func, &format!("{name}.header"));
-        let body_bb = self.ctx.append_basic_block(self.func, &format!("{name}.body"));
-        let exit = self.ctx.append_basic_block(self.func, &format!("{name}.exit"));
-        self.b.build_unconditional_branch(header)?;
-        self.b.position_at_end(header);
-        let i = self.b.build_phi(start.get_type(), name)?;
-        let phis = init.iter().map(|v| self.b.build_phi(v.get_type(), "")).collect::<Result<Vec<_>, _>>()?;
-        let iv = i.as_basic_value().into_int_value();
-        let more = self.b.build_int_compare(IntPredicate::SLT, iv, end, "")?;
-        self.b.build_conditional_branch(more, body_bb, exit)?;
-        self.b.position_at_end(body_bb);
-        let saved = std::mem::take(&mut self.memo);
-        let carried: Vec<BasicValueEnum> = phis.iter().map(|p| p.as_basic_value()).collect();
-        let next_vals = body(self, iv, &carried)?;
-        self.memo = saved;
-        let next = self.b.build_int_add(iv, step, "")?;
-        let latch = self.b.get_insert_block().expect("builder is positioned");
-        self.b.build_unconditional_branch(header)?;
-        i.add_incoming(&[(&start, pre), (&next, latch)]);
-        for ((phi, init), next) in phis.iter().zip(init).zip(&next_vals) {
-            phi.add_incoming(&[(init, pre), (next, latch)]);
-        }
-        self.b.position_at_end(exit);
-        Ok(carried)
+        self.for_loop(name, start, end, step, init, &mut |g, i, carried| {
+            let saved = std::mem::take(&mut g.memo);
+            let next = body(g, i, carried)?;
+            g.memo = saved;
+            Ok(next)
+        })
     }
 
     /// `[start, end)` of the outer iteration space for this thread (host) or the first index and stride (NVPTX).
     fn outer_range(&self, total: usize, per_block: bool) -> Kr<(IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>)> {
-        let i64t = self.ctx.i64_type();
         let total = self.i64c(total as u64);
         match self.flavor {
             Flavor::Host => {
-                let tid = self.func.get_nth_param(1).expect("tid").into_int_value();
-                let n = self.func.get_nth_param(2).expect("nthreads").into_int_value();
-                let tid = self.b.build_int_z_extend(tid, i64t, "tid")?;
-                let n = self.b.build_int_z_extend(n, i64t, "nthreads")?;
-                let n1 = self.b.build_int_sub(n, self.i64c(1), "")?;
-                let chunk = self.b.build_int_unsigned_div(self.b.build_int_add(total, n1, "")?, n, "chunk")?;
-                let start = self.umin(self.b.build_int_mul(tid, chunk, "")?, total)?;
-                let end = self.umin(self.b.build_int_add(start, chunk, "")?, total)?;
+                let (start, end) = self.host_slice(total)?;
                 Ok((start, end, self.i64c(1)))
             }
             Flavor::Nvptx => {
@@ -309,14 +221,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         }
     }
 
-    fn umin(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
-        let lt = self.b.build_int_compare(IntPredicate::ULT, a, b, "")?;
-        Ok(self.b.build_select(lt, a, b, "")?.into_int_value())
-    }
-
     fn elementwise(&mut self, len: usize) -> Kr<()> {
         let (start, end, step) = self.outer_range(len, false)?;
-        self.for_loop("i", start, end, step, &[], &mut |g, i, _| {
+        self.scoped_loop("i", start, end, step, &[], &mut |g, i, _| {
             g.store_all(Ix { lin: i, rc: None }, |n| n == len)?;
             Ok(vec![])
         })?;
@@ -325,7 +232,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
 
     fn rows(&mut self, rows: usize, cols: usize) -> Kr<()> {
         let (start, end, step) = self.outer_range(rows, true)?;
-        self.for_loop("row", start, end, step, &[], &mut |g, r, _| {
+        self.scoped_loop("row", start, end, step, &[], &mut |g, r, _| {
             g.stats.clear();
             for e in g.nest.row_ops() {
                 g.row_stats(e, r, cols)?;
@@ -333,7 +240,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             // Full-size outputs along the row, then row-size outputs (one per row).
             let (j0, jstep) = g.inner_range()?;
             let base = g.b.build_int_mul(r, g.i64c(cols as u64), "")?;
-            g.for_loop("col", j0, g.i64c(cols as u64), jstep, &[], &mut |g, j, _| {
+            g.scoped_loop("col", j0, g.i64c(cols as u64), jstep, &[], &mut |g, j, _| {
                 let lin = g.b.build_int_add(base, j, "")?;
                 g.store_all(Ix { lin, rc: Some((r, j)) }, |n| n == rows * cols)?;
                 Ok(vec![])
@@ -380,8 +287,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 continue;
             }
             let v = self.gen(s.expr, ix)?;
-            // SAFETY: ix.lin is below the output's element count (the loops' bounds).
-            let p = unsafe { self.b.build_in_bounds_gep(self.ctx.f32_type(), self.bufs[s.buffer], &[ix.lin], "")? };
+            // ix.lin is below the output's element count (the loops' bounds).
+            let p = self.gep(self.ctx.f32_type(), self.bufs[s.buffer], ix.lin)?;
             self.b.build_store(p, v)?;
         }
         Ok(())
@@ -398,12 +305,19 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let init: Vec<BasicValueEnum> = kinds.iter().map(|&k| self.identity(k).into()).collect();
         let (j0, jstep) = self.inner_range()?;
         let base = self.b.build_int_mul(r, self.i64c(cols as u64), "")?;
-        let accs = self.for_loop("red", j0, self.i64c(cols as u64), jstep, &init, &mut |g, j, acc| {
+        let accs = self.scoped_loop("red", j0, self.i64c(cols as u64), jstep, &init, &mut |g, j, acc| {
             let lin = g.b.build_int_add(base, j, "")?;
             let vals = body(g, Ix { lin, rc: Some((r, j)) })?;
             let mut next = Vec::with_capacity(vals.len());
             for ((&k, a), v) in kinds.iter().zip(acc).zip(vals) {
-                next.push(g.combine(k, a.into_float_value(), v, true)?.into());
+                let s = g.combine(k, a.into_float_value(), v)?;
+                if k == Red::Sum {
+                    // Lets the vectorizer split the sum into lanes (the order of a reduction is free).
+                    if let Some(inst) = s.as_instruction() {
+                        let _ = inst.set_fast_math_flags(inkwell::values::FastMathFlags::AllowReassoc);
+                    }
+                }
+                next.push(s.into());
             }
             Ok(next)
         })?;
@@ -417,70 +331,11 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         Ok(out)
     }
 
-    fn identity(&self, k: Red) -> FloatValue<'ctx> {
-        match k {
-            Red::Sum => self.f32c(0.0),
-            Red::Max => self.f32c(f64::NEG_INFINITY),
-        }
-    }
-
-    fn combine(&self, k: Red, a: FloatValue<'ctx>, b: FloatValue<'ctx>, reassoc: bool) -> Kr<FloatValue<'ctx>> {
-        match k {
-            Red::Sum => {
-                let s = self.b.build_float_add(a, b, "")?;
-                if reassoc {
-                    // Lets the vectorizer split the sum into lanes (the order of a reduction is free).
-                    if let Some(inst) = s.as_instruction() {
-                        let _ = inst.set_fast_math_flags(inkwell::values::FastMathFlags::AllowReassoc);
-                    }
-                }
-                Ok(s)
-            }
-            Red::Max => self.fcall("llvm.maxnum", &[a, b]),
-        }
-    }
-
     /// NVPTX: the block-wide reduction of every thread's `v` (all threads get the result).
-    fn block_reduce(&mut self, k: Red, mut v: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
-        let shfl = self.intrinsic("llvm.nvvm.shfl.sync.bfly.f32", &[])?;
-        for offset in [16, 8, 4, 2, 1] {
-            let args = [self.i32c(-1).into(), v.into(), self.i32c(offset).into(), self.i32c(31).into()];
-            let other = self.call(shfl, &args)?.into_float_value();
-            v = self.combine(k, v, other, false)?;
-        }
+    fn block_reduce(&mut self, k: Red, v: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let v = self.warp_reduce(k, v)?;
         let scratch = self.scratch.expect("row kernels have scratch").as_pointer_value();
-        let arr = self.ctx.f32_type().array_type(32);
-        let tid = self.sreg(Sreg::TidX)?;
-        let lane = self.b.build_and(tid, self.i64c(31), "lane")?;
-        let warp = self.b.build_right_shift(tid, self.i64c(5), false, "warp")?;
-        let nwarps = self.b.build_right_shift(self.sreg(Sreg::NtidX)?, self.i64c(5), false, "nwarps")?;
-        let is_lane0 = self.b.build_int_compare(IntPredicate::EQ, lane, self.i64c(0), "")?;
-        let write = self.ctx.append_basic_block(self.func, "partial.write");
-        let written = self.ctx.append_basic_block(self.func, "partial.written");
-        self.b.build_conditional_branch(is_lane0, write, written)?;
-        self.b.position_at_end(write);
-        // SAFETY: warp < 32 because blockDim.x <= 1024 (the launch contract).
-        let slot = unsafe { self.b.build_in_bounds_gep(arr, scratch, &[self.i64c(0), warp], "")? };
-        self.b.build_store(slot, v)?;
-        self.b.build_unconditional_branch(written)?;
-        self.b.position_at_end(written);
-        self.barrier()?;
-        let init = [self.identity(k).into()];
-        let total = self.for_loop("warps", self.i64c(0), nwarps, self.i64c(1), &init, &mut |g, w, acc| {
-            // SAFETY: w < nwarps <= 32.
-            let slot = unsafe { g.b.build_in_bounds_gep(arr, scratch, &[g.i64c(0), w], "")? };
-            let p = g.b.build_load(g.ctx.f32_type(), slot, "")?.into_float_value();
-            Ok(vec![g.combine(k, acc[0].into_float_value(), p, false)?.into()])
-        })?;
-        // Nobody may overwrite the partials before every thread has read them.
-        self.barrier()?;
-        Ok(total[0].into_float_value())
-    }
-
-    fn barrier(&self) -> Kr<()> {
-        let f = self.intrinsic("llvm.nvvm.barrier.cta.sync.aligned.all", &[])?;
-        self.b.build_call(f, &[self.i32c(0).into()], "")?;
-        Ok(())
+        self.block_combine(k, v, scratch)
     }
 
     /// Computes the row statistics of row op `e` for row `r` into `self.stats`.
@@ -513,7 +368,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let m = self.reduce_row(r, cols, &[Red::Max], &|g, ix| Ok(vec![g.arg(x_arg, e, ix)?]))?[0];
                 let s = self.reduce_row(r, cols, &[Red::Sum], &|g, ix| {
                     let x = g.arg(x_arg, e, ix)?;
-                    Ok(vec![g.exp(g.b.build_float_sub(x, m, "")?)?])
+                    Ok(vec![g.exp_named(g.b.build_float_sub(x, m, "")?, "exp")?])
                 })?[0];
                 vec![m, s]
             }
@@ -680,8 +535,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             ExprOp::Minimum => self.fcall("llvm.minnum", &[f(0), f(1)])?,
             ExprOp::Maximum => self.fcall("llvm.maxnum", &[f(0), f(1)])?,
             ExprOp::Neg => b.build_float_neg(f(0), "")?,
-            ExprOp::Exp => self.exp(f(0))?,
-            ExprOp::Log => self.log(f(0))?,
+            ExprOp::Exp => self.exp_named(f(0), "exp")?,
+            ExprOp::Log => self.log_checked(f(0))?,
             ExprOp::Sqrt => self.fcall("llvm.sqrt", &[f(0)])?,
             ExprOp::Rsqrt => {
                 let root = self.fcall("llvm.sqrt", &[f(0)])?;
@@ -747,7 +602,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             }
             ExprOp::Softmax => {
                 let s = self.stats[&e].clone();
-                let z = self.exp(self.b.build_float_sub(f(0), s[0], "")?)?;
+                let z = self.exp_named(self.b.build_float_sub(f(0), s[0], "")?, "exp")?;
                 self.b.build_float_div(z, s[1], "")?
             }
             ExprOp::Load { .. } | ExprOp::Scalar { .. } | ExprOp::View | ExprOp::RowSum => {
@@ -758,92 +613,15 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     }
 
     fn sigmoid(&self, x: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
-        let e = self.exp(self.b.build_float_neg(x, "")?)?;
+        let e = self.exp_named(self.b.build_float_neg(x, "")?, "exp")?;
         let one = self.f32c(1.0);
         Ok(self.b.build_float_div(one, self.b.build_float_add(one, e, "")?, "")?)
     }
 
-    /// Horner evaluation of `coeffs` (highest degree first) at `x`.
-    fn poly(&self, x: FloatValue<'ctx>, coeffs: &[f64]) -> Kr<FloatValue<'ctx>> {
-        let mut acc = self.f32c(coeffs[0]);
-        for &c in &coeffs[1..] {
-            acc = self.b.build_float_add(self.b.build_float_mul(acc, x, "")?, self.f32c(c), "")?;
-        }
-        Ok(acc)
-    }
-
-    /// eˣ in f32 (Cephes `expf`: x = n·ln2 + r, a degree-6 polynomial in r, scaling by 2ⁿ in two steps so results
-    /// that are subnormal or overflow come out right).
-    fn exp(&self, x: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
-        let (b, i32t, f32t) = (&self.b, self.ctx.i32_type(), self.ctx.f32_type());
-        let clamped =
-            self.fcall("llvm.minnum", &[self.fcall("llvm.maxnum", &[x, self.f32c(-104.0)])?, self.f32c(89.0)])?;
-        let n = self.fcall("llvm.rint", &[b.build_float_mul(clamped, self.f32c(std::f64::consts::LOG2_E), "")?])?;
-        let r = b.build_float_sub(clamped, b.build_float_mul(n, self.f32c(0.693359375), "")?, "")?;
-        let r = b.build_float_sub(r, b.build_float_mul(n, self.f32c(-2.12194440e-4), "")?, "")?;
-        let p = self.poly(
-            r,
-            &[1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1],
-        )?;
-        let y = b.build_float_add(
-            b.build_float_add(b.build_float_mul(p, b.build_float_mul(r, r, "")?, "")?, r, "")?,
-            self.f32c(1.0),
-            "",
-        )?;
-        let ni = b.build_float_to_signed_int(n, i32t, "")?;
-        let n1 = b.build_right_shift(ni, self.i32c(1), true, "")?;
-        let n2 = b.build_int_sub(ni, n1, "")?;
-        let pow2 = |k: IntValue<'ctx>| -> Kr<FloatValue<'ctx>> {
-            let bits = b.build_left_shift(b.build_int_add(k, self.i32c(127), "")?, self.i32c(23), "")?;
-            Ok(b.build_bit_cast(bits, f32t, "")?.into_float_value())
-        };
-        let scaled = b.build_float_mul(b.build_float_mul(y, pow2(n1)?, "")?, pow2(n2)?, "")?;
-        let nan = b.build_float_compare(FloatPredicate::UNO, x, x, "")?;
-        Ok(b.build_select(nan, x, scaled, "exp")?.into_float_value())
-    }
-
-    /// ln x in f32 (Cephes `logf`: x = m·2ᵉ with m in [√½, √2), a degree-9 polynomial in m − 1).
-    fn log(&self, x: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
-        let (b, i32t, f32t) = (&self.b, self.ctx.i32_type(), self.ctx.f32_type());
-        let small = b.build_float_compare(FloatPredicate::OLT, x, self.f32c(f32::MIN_POSITIVE as f64), "")?;
-        let xs = b.build_select(small, b.build_float_mul(x, self.f32c(8388608.0), "")?, x, "")?.into_float_value();
-        let eoff = b.build_select(small, self.i32c(-23), self.i32c(0), "")?.into_int_value();
-        let bits = b.build_bit_cast(xs, i32t, "")?.into_int_value();
-        let biased = b.build_and(b.build_right_shift(bits, self.i32c(23), false, "")?, self.i32c(0xff), "")?;
-        let e = b.build_int_add(b.build_int_sub(biased, self.i32c(126), "")?, eoff, "")?;
-        let mbits = b.build_or(b.build_and(bits, self.i32c(0x807f_ffff), "")?, self.i32c(0x3f00_0000), "")?;
-        let m = b.build_bit_cast(mbits, f32t, "")?.into_float_value();
-        let lt = b.build_float_compare(FloatPredicate::OLT, m, self.f32c(std::f64::consts::FRAC_1_SQRT_2), "")?;
-        let e = b.build_int_sub(e, b.build_int_z_extend(lt, i32t, "")?, "")?;
-        let one = self.f32c(1.0);
-        let t = b.build_select(
-            lt,
-            b.build_float_sub(b.build_float_add(m, m, "")?, one, "")?,
-            b.build_float_sub(m, one, "")?,
-            "",
-        )?;
-        let t = t.into_float_value();
-        let fe = b.build_signed_int_to_float(e, f32t, "")?;
-        let z = b.build_float_mul(t, t, "")?;
-        let p = self.poly(
-            t,
-            &[
-                7.0376836292e-2,
-                -1.1514610310e-1,
-                1.1676998740e-1,
-                -1.2420140846e-1,
-                1.4249322787e-1,
-                -1.6668057665e-1,
-                2.0000714765e-1,
-                -2.4999993993e-1,
-                3.3333331174e-1,
-            ],
-        )?;
-        let y = b.build_float_mul(b.build_float_mul(p, t, "")?, z, "")?;
-        let y = b.build_float_add(y, b.build_float_mul(fe, self.f32c(-2.12194440e-4), "")?, "")?;
-        let y = b.build_float_sub(y, b.build_float_mul(z, self.f32c(0.5), "")?, "")?;
-        let r = b.build_float_add(t, y, "")?;
-        let r = b.build_float_add(r, b.build_float_mul(fe, self.f32c(0.693359375), "")?, "")?;
+    /// ln x in f32 for any x ([`Emit::log`], then ∞ for ∞, −∞ for 0 and NaN below 0 or for NaN).
+    fn log_checked(&self, x: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let r = self.log(x)?;
+        let b = &self.b;
         let inf = self.f32c(f64::INFINITY);
         let is_inf = b.build_float_compare(FloatPredicate::OEQ, x, inf, "")?;
         let r = b.build_select(is_inf, inf, r, "")?.into_float_value();

@@ -18,12 +18,12 @@ use crate::CodegenError;
 pub const SMOKE_FUNCTION: &str = "tunec_axpy_scalar";
 
 /// Collects the diagnostics MLIR emits on a context, so errors can carry them.
-struct Diagnostics {
+pub(crate) struct Diagnostics {
     lines: Rc<RefCell<Vec<String>>>,
 }
 
 impl Diagnostics {
-    fn attach(context: &Context) -> Self {
+    pub(crate) fn attach(context: &Context) -> Self {
         let lines = Rc::new(RefCell::new(Vec::new()));
         let sink = Rc::clone(&lines);
         context.attach_diagnostic_handler(move |diagnostic| {
@@ -33,7 +33,7 @@ impl Diagnostics {
         Diagnostics { lines }
     }
 
-    fn take(&self, fallback: &str) -> String {
+    pub(crate) fn take(&self, fallback: &str) -> String {
         let lines = std::mem::take(&mut *self.lines.borrow_mut());
         if lines.is_empty() {
             fallback.to_string()

@@ -15,17 +15,14 @@
 //!
 //! The module is built as MLIR text, parsed and verified by MLIR through melior, and printed back by MLIR.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::rc::Rc;
 
 use ir::{DType, Graph, Op, OpKind, OutputKind, Type, ValueId};
 use melior::ir::operation::OperationLike;
 use melior::ir::Module;
-use melior::Context;
 
-use crate::mlir::context_with_all_dialects;
+use crate::mlir::{context_with_all_dialects, Diagnostics};
 use crate::CodegenError;
 
 /// How one op kind is exported.
@@ -981,32 +978,6 @@ fn output_attr(kind: &OutputKind) -> String {
         OutputKind::Grad(n) => format!("{{kind = \"grad\", name = {}}}", mlir_str(n)),
         OutputKind::Update(n) => format!("{{kind = \"update\", name = {}}}", mlir_str(n)),
         OutputKind::Metric(n) => format!("{{kind = \"metric\", name = {}}}", mlir_str(n)),
-    }
-}
-
-/// Collects the diagnostics MLIR emits on a context, so errors carry them.
-struct Diagnostics {
-    lines: Rc<RefCell<Vec<String>>>,
-}
-
-impl Diagnostics {
-    fn attach(context: &Context) -> Self {
-        let lines = Rc::new(RefCell::new(Vec::new()));
-        let sink = Rc::clone(&lines);
-        context.attach_diagnostic_handler(move |diagnostic| {
-            sink.borrow_mut().push(format!("{}: {}", diagnostic.location(), diagnostic));
-            true
-        });
-        Diagnostics { lines }
-    }
-
-    fn take(&self, fallback: &str) -> String {
-        let lines = std::mem::take(&mut *self.lines.borrow_mut());
-        if lines.is_empty() {
-            fallback.to_string()
-        } else {
-            lines.join("\n")
-        }
     }
 }
 

@@ -42,22 +42,16 @@
 
 use inkwell::builder::Builder;
 use inkwell::context::Context;
-use inkwell::intrinsics::Intrinsic;
 use inkwell::module::{Linkage, Module};
-use inkwell::types::{BasicType, BasicTypeEnum};
-use inkwell::values::{
-    BasicMetadataValueEnum, BasicValueEnum, FastMathFlags, FloatValue, FunctionValue, GlobalValue, IntValue,
-    PointerValue,
-};
+use inkwell::values::{BasicValueEnum, FastMathFlags, FloatValue, FunctionValue, GlobalValue, IntValue, PointerValue};
 use inkwell::{AddressSpace, AtomicOrdering, FloatPredicate, IntPredicate};
 use ir::AttnArg;
 use kernels::nn::{Launch, NnKernel, NnOp, Team, NN_BLOCK_THREADS};
-use kernels::{read_sreg, set_ptx_kernel, KernelError, Sreg};
+use kernels::Sreg;
 
+use crate::emit::{kernel_fn, Emit, Kr, Red};
 pub use crate::lower::Flavor;
 use crate::CodegenError;
-
-type Kr<T> = Result<T, KernelError>;
 type Fv<'ctx> = FloatValue<'ctx>;
 type Iv<'ctx> = IntValue<'ctx>;
 type Vals<'ctx> = Vec<BasicValueEnum<'ctx>>;
@@ -88,12 +82,6 @@ pub fn kernel_to_ptx(k: &NnKernel, sm: u32) -> Result<String, CodegenError> {
     crate::ptx::emit_ptx(&module, sm)
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Red {
-    Sum,
-    Max,
-}
-
 struct Gen<'a, 'ctx> {
     ctx: &'ctx Context,
     module: &'a Module<'ctx>,
@@ -113,35 +101,7 @@ struct Gen<'a, 'ctx> {
 
 fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &NnKernel, flavor: Flavor) -> Kr<FunctionValue<'ctx>> {
     let name = k.symbol();
-    if module.get_function(&name).is_some() {
-        return Err(KernelError::DuplicateKernel(name));
-    }
-    let ptr = ctx.ptr_type(AddressSpace::default());
-    let i32t = ctx.i32_type();
-    let fn_type = match flavor {
-        Flavor::Host => ctx.void_type().fn_type(&[ptr.into(), i32t.into(), i32t.into()], false),
-        Flavor::Nvptx => ctx.void_type().fn_type(&k.buffers.iter().map(|_| ptr.into()).collect::<Vec<_>>(), false),
-    };
-    let func = module.add_function(&name, fn_type, None);
-    let b = ctx.create_builder();
-    b.position_at_end(ctx.append_basic_block(func, "entry"));
-    let bufs = match flavor {
-        Flavor::Host => {
-            let args = func.get_nth_param(0).expect("args param").into_pointer_value();
-            let mut bufs = Vec::new();
-            for i in 0..k.buffers.len() {
-                // SAFETY: `args` holds one pointer per buffer (the ABI).
-                let slot =
-                    unsafe { b.build_in_bounds_gep(ptr, args, &[ctx.i64_type().const_int(i as u64, false)], "")? };
-                bufs.push(b.build_load(ptr, slot, &format!("buf{i}"))?.into_pointer_value());
-            }
-            bufs
-        }
-        Flavor::Nvptx => {
-            set_ptx_kernel(func);
-            func.get_param_iter().map(|p| p.into_pointer_value()).collect()
-        }
-    };
+    let (func, b, bufs) = kernel_fn(ctx, module, &name, k.buffers.len(), flavor)?;
     let shared = |n: u32, what: &str| {
         let ty = ctx.f32_type().array_type(n);
         let g = module.add_global(ty, Some(AddressSpace::from(3u16)), &format!("{name}_{what}"));
@@ -194,43 +154,23 @@ struct Attn {
     grad: Option<AttnArg>,
 }
 
+impl<'ctx> Emit<'ctx> for Gen<'_, 'ctx> {
+    fn ctx(&self) -> &'ctx Context {
+        self.ctx
+    }
+    fn module(&self) -> &Module<'ctx> {
+        self.module
+    }
+    fn b(&self) -> &Builder<'ctx> {
+        &self.b
+    }
+    fn func(&self) -> FunctionValue<'ctx> {
+        self.func
+    }
+}
+
 impl<'a, 'ctx> Gen<'a, 'ctx> {
-    // ---- constants, memory, control flow ------------------------------------------------------------------------
-
-    fn i64c(&self, v: u64) -> Iv<'ctx> {
-        self.ctx.i64_type().const_int(v, false)
-    }
-    fn i32c(&self, v: i64) -> Iv<'ctx> {
-        self.ctx.i32_type().const_int(v as u64, true)
-    }
-    fn f32c(&self, v: f64) -> Fv<'ctx> {
-        self.ctx.f32_type().const_float(v)
-    }
-    fn f64c(&self, v: f64) -> Fv<'ctx> {
-        self.ctx.f64_type().const_float(v)
-    }
-
-    fn intrinsic(&self, name: &'static str, types: &[BasicTypeEnum<'ctx>]) -> Kr<FunctionValue<'ctx>> {
-        Intrinsic::find(name)
-            .and_then(|i| i.get_declaration(self.module, types))
-            .ok_or(KernelError::MissingIntrinsic(name))
-    }
-
-    fn call(&self, f: FunctionValue<'ctx>, args: &[BasicMetadataValueEnum<'ctx>]) -> Kr<BasicValueEnum<'ctx>> {
-        let call = self.b.build_call(f, args, "")?;
-        Ok(call.try_as_basic_value().basic().expect("intrinsic returns a value"))
-    }
-
-    fn fcall(&self, name: &'static str, args: &[Fv<'ctx>]) -> Kr<Fv<'ctx>> {
-        let f = self.intrinsic(name, &[args[0].get_type().as_basic_type_enum()])?;
-        let args: Vec<BasicMetadataValueEnum> = args.iter().map(|&a| a.into()).collect();
-        Ok(self.call(f, &args)?.into_float_value())
-    }
-
-    fn sreg(&self, reg: Sreg) -> Kr<Iv<'ctx>> {
-        let v = read_sreg(self.module, &self.b, reg, "")?;
-        Ok(self.b.build_int_z_extend(v, self.ctx.i64_type(), "")?)
-    }
+    // ---- arithmetic, memory ---------------------------------------------------------------------------------------
 
     fn add(&self, a: Fv<'ctx>, b: Fv<'ctx>) -> Kr<Fv<'ctx>> {
         Ok(self.b.build_float_add(a, b, "")?)
@@ -259,38 +199,25 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     fn uremc(&self, a: Iv<'ctx>, c: u64) -> Kr<Iv<'ctx>> {
         Ok(self.b.build_int_unsigned_rem(a, self.i64c(c), "")?)
     }
-    fn select_f(&self, c: Iv<'ctx>, a: Fv<'ctx>, b: Fv<'ctx>) -> Kr<Fv<'ctx>> {
-        Ok(self.b.build_select(c, a, b, "")?.into_float_value())
-    }
-    fn select_i(&self, c: Iv<'ctx>, a: Iv<'ctx>, b: Iv<'ctx>) -> Kr<Iv<'ctx>> {
-        Ok(self.b.build_select(c, a, b, "")?.into_int_value())
-    }
     fn fmax(&self, a: Fv<'ctx>, b: Fv<'ctx>) -> Kr<Fv<'ctx>> {
         self.fcall("llvm.maxnum", &[a, b])
     }
 
-    fn gep_f(&self, buf: usize, idx: Iv<'ctx>) -> Kr<PointerValue<'ctx>> {
-        // SAFETY: every index the templates build is below the buffer's element count (the loops' bounds).
-        Ok(unsafe { self.b.build_in_bounds_gep(self.ctx.f32_type(), self.bufs[buf], &[idx], "")? })
-    }
     fn ldf(&self, buf: usize, idx: Iv<'ctx>) -> Kr<Fv<'ctx>> {
-        Ok(self.b.build_load(self.ctx.f32_type(), self.gep_f(buf, idx)?, "")?.into_float_value())
+        self.ld_f32(self.bufs[buf], idx)
     }
     /// An i32 element, sign-extended to i64.
     fn ldi(&self, buf: usize, idx: Iv<'ctx>) -> Kr<Iv<'ctx>> {
         let i32t = self.ctx.i32_type();
-        // SAFETY: as `gep_f`.
-        let p = unsafe { self.b.build_in_bounds_gep(i32t, self.bufs[buf], &[idx], "")? };
-        let v = self.b.build_load(i32t, p, "")?.into_int_value();
+        let v = self.b.build_load(i32t, self.gep(i32t, self.bufs[buf], idx)?, "")?.into_int_value();
         Ok(self.b.build_int_s_extend(v, self.ctx.i64_type(), "")?)
     }
     fn stf(&self, buf: usize, idx: Iv<'ctx>, v: Fv<'ctx>) -> Kr<()> {
-        self.b.build_store(self.gep_f(buf, idx)?, v)?;
-        Ok(())
+        self.st_f32(self.bufs[buf], idx, v)
     }
     /// `buf[idx] += v`: a plain read-modify-write, or (`atomic`) an atomic add.
     fn addf(&self, buf: usize, idx: Iv<'ctx>, v: Fv<'ctx>, atomic: bool) -> Kr<()> {
-        let p = self.gep_f(buf, idx)?;
+        let p = self.gep(self.ctx.f32_type(), self.bufs[buf], idx)?;
         if !atomic {
             let old = self.b.build_load(self.ctx.f32_type(), p, "")?.into_float_value();
             self.b.build_store(p, self.add(old, v)?)?;
@@ -340,96 +267,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         Ok(())
     }
 
-    /// A counted loop `for i in (start..end).step_by(step)` carrying `init`; `body` returns the next values.
-    #[allow(clippy::type_complexity)]
-    fn for_loop(
-        &mut self,
-        name: &str,
-        start: Iv<'ctx>,
-        end: Iv<'ctx>,
-        step: Iv<'ctx>,
-        init: &[BasicValueEnum<'ctx>],
-        body: &mut dyn FnMut(&mut Self, Iv<'ctx>, &[BasicValueEnum<'ctx>]) -> Kr<Vals<'ctx>>,
-    ) -> Kr<Vals<'ctx>> {
-        let pre = self.b.get_insert_block().expect("builder is positioned");
-        let header = self.ctx.append_basic_block(self.func, &format!("{name}.header"));
-        let body_bb = self.ctx.append_basic_block(self.func, &format!("{name}.body"));
-        let exit = self.ctx.append_basic_block(self.func, &format!("{name}.exit"));
-        self.b.build_unconditional_branch(header)?;
-        self.b.position_at_end(header);
-        let i = self.b.build_phi(start.get_type(), name)?;
-        let phis = init.iter().map(|v| self.b.build_phi(v.get_type(), "")).collect::<Result<Vec<_>, _>>()?;
-        let iv = i.as_basic_value().into_int_value();
-        let more = self.b.build_int_compare(IntPredicate::SLT, iv, end, "")?;
-        self.b.build_conditional_branch(more, body_bb, exit)?;
-        self.b.position_at_end(body_bb);
-        let carried: Vals = phis.iter().map(|p| p.as_basic_value()).collect();
-        let next_vals = body(self, iv, &carried)?;
-        let next = self.b.build_int_add(iv, step, "")?;
-        let latch = self.b.get_insert_block().expect("builder is positioned");
-        self.b.build_unconditional_branch(header)?;
-        i.add_incoming(&[(&start, pre), (&next, latch)]);
-        for ((phi, init), next) in phis.iter().zip(init).zip(&next_vals) {
-            phi.add_incoming(&[(init, pre), (next, latch)]);
-        }
-        self.b.position_at_end(exit);
-        Ok(carried)
-    }
-
-    /// `if cond { then() } else { els }`: the values of the branch taken.
-    fn if_else(
-        &mut self,
-        cond: Iv<'ctx>,
-        els: &[BasicValueEnum<'ctx>],
-        then: &mut dyn FnMut(&mut Self) -> Kr<Vals<'ctx>>,
-    ) -> Kr<Vals<'ctx>> {
-        let pre = self.b.get_insert_block().expect("positioned");
-        let then_bb = self.ctx.append_basic_block(self.func, "then");
-        let done = self.ctx.append_basic_block(self.func, "endif");
-        self.b.build_conditional_branch(cond, then_bb, done)?;
-        self.b.position_at_end(then_bb);
-        let vals = then(self)?;
-        let then_end = self.b.get_insert_block().expect("positioned");
-        self.b.build_unconditional_branch(done)?;
-        self.b.position_at_end(done);
-        let mut out = Vec::with_capacity(els.len());
-        for (e, t) in els.iter().zip(&vals) {
-            let phi = self.b.build_phi(e.get_type(), "")?;
-            phi.add_incoming(&[(t, then_end), (e, pre)]);
-            out.push(phi.as_basic_value());
-        }
-        Ok(out)
-    }
-
-    fn if_then(&mut self, cond: Iv<'ctx>, then: &mut dyn FnMut(&mut Self) -> Kr<()>) -> Kr<()> {
-        self.if_else(cond, &[], &mut |g| {
-            then(g)?;
-            Ok(vec![])
-        })?;
-        Ok(())
-    }
-
     // ---- teams ----------------------------------------------------------------------------------------------------
-
-    /// This host thread's slice `[start, end)` of `total` items.
-    fn host_slice(&self, total: u64) -> Kr<(Iv<'ctx>, Iv<'ctx>)> {
-        let i64t = self.ctx.i64_type();
-        let total = self.i64c(total);
-        let tid = self.func.get_nth_param(1).expect("tid").into_int_value();
-        let n = self.func.get_nth_param(2).expect("nthreads").into_int_value();
-        let tid = self.b.build_int_z_extend(tid, i64t, "tid")?;
-        let n = self.b.build_int_z_extend(n, i64t, "nthreads")?;
-        let n1 = self.b.build_int_sub(n, self.i64c(1), "")?;
-        let chunk = self.b.build_int_unsigned_div(self.iadd(total, n1)?, n, "chunk")?;
-        let start = self.umin(self.imul(tid, chunk)?, total)?;
-        let end = self.umin(self.iadd(start, chunk)?, total)?;
-        Ok((start, end))
-    }
-
-    fn umin(&self, a: Iv<'ctx>, b: Iv<'ctx>) -> Kr<Iv<'ctx>> {
-        let lt = self.b.build_int_compare(IntPredicate::ULT, a, b, "")?;
-        self.select_i(lt, a, b)
-    }
 
     /// Runs `body` for every item of this thread (host) or team (GPU, by `self.lanes`), carrying `init`.
     #[allow(clippy::type_complexity)]
@@ -441,7 +279,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     ) -> Kr<Vals<'ctx>> {
         let (start, end, step) = match self.flavor {
             Flavor::Host => {
-                let (s, e) = self.host_slice(total)?;
+                let (s, e) = self.host_slice(self.i64c(total))?;
                 (s, e, self.i64c(1))
             }
             Flavor::Nvptx => {
@@ -496,64 +334,23 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         self.for_loop("lane", lane, n, nl, init, body)
     }
 
-    fn combine(&self, k: Red, a: Fv<'ctx>, b: Fv<'ctx>) -> Kr<Fv<'ctx>> {
-        match k {
-            Red::Sum => self.add(a, b),
-            Red::Max => self.fmax(a, b),
-        }
-    }
-
-    fn identity(&self, k: Red) -> Fv<'ctx> {
-        match k {
-            Red::Sum => self.f32c(0.0),
-            Red::Max => self.f32c(f64::NEG_INFINITY),
-        }
-    }
-
     /// The team-wide reduction of every lane's `v` (every lane gets it).
-    fn reduce(&mut self, k: Red, mut v: Fv<'ctx>) -> Kr<Fv<'ctx>> {
+    fn reduce(&mut self, k: Red, v: Fv<'ctx>) -> Kr<Fv<'ctx>> {
         if self.flavor == Flavor::Host || self.lanes == Team::Thread {
             return Ok(v);
         }
-        let shfl = self.intrinsic("llvm.nvvm.shfl.sync.bfly.f32", &[])?;
-        for offset in [16, 8, 4, 2, 1] {
-            let args = [self.i32c(-1).into(), v.into(), self.i32c(offset).into(), self.i32c(31).into()];
-            let other = self.call(shfl, &args)?.into_float_value();
-            v = self.combine(k, v, other)?;
-        }
+        let v = self.warp_reduce(k, v)?;
         if self.lanes == Team::Warp {
             return Ok(v);
         }
         let scratch = self.partials.expect("block teams have partials").as_pointer_value();
-        let arr = self.ctx.f32_type().array_type(32);
-        let tid = self.sreg(Sreg::TidX)?;
-        let lane = self.b.build_and(tid, self.i64c(31), "")?;
-        let warp = self.b.build_right_shift(tid, self.i64c(5), false, "")?;
-        let nwarps = self.b.build_right_shift(self.sreg(Sreg::NtidX)?, self.i64c(5), false, "")?;
-        let is_lane0 = self.b.build_int_compare(IntPredicate::EQ, lane, self.i64c(0), "")?;
-        self.if_then(is_lane0, &mut |g| {
-            // SAFETY: warp < 32 because blockDim.x <= 1024.
-            let slot = unsafe { g.b.build_in_bounds_gep(arr, scratch, &[g.i64c(0), warp], "")? };
-            g.b.build_store(slot, v)?;
-            Ok(())
-        })?;
-        self.barrier()?;
-        let init = [self.identity(k).into()];
-        let total = self.for_loop("warps", self.i64c(0), nwarps, self.i64c(1), &init, &mut |g, w, acc| {
-            // SAFETY: w < nwarps <= 32.
-            let slot = unsafe { g.b.build_in_bounds_gep(arr, scratch, &[g.i64c(0), w], "")? };
-            let p = g.b.build_load(g.ctx.f32_type(), slot, "")?.into_float_value();
-            Ok(vec![g.combine(k, acc[0].into_float_value(), p)?.into()])
-        })?;
-        self.barrier()?;
-        Ok(total[0].into_float_value())
+        self.block_combine(k, v, scratch)
     }
 
     /// A block barrier (GPU block teams only; a no-op elsewhere).
     fn barrier(&self) -> Kr<()> {
         if self.flavor == Flavor::Nvptx && self.lanes == Team::Block {
-            let f = self.intrinsic("llvm.nvvm.barrier.cta.sync.aligned.all", &[])?;
-            self.b.build_call(f, &[self.i32c(0).into()], "")?;
+            self.cta_barrier()?;
         }
         Ok(())
     }
@@ -565,77 +362,6 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     }
 
     // ---- math -------------------------------------------------------------------------------------------------------
-
-    fn poly(&self, x: Fv<'ctx>, coeffs: &[f64]) -> Kr<Fv<'ctx>> {
-        let c = |v: f64| x.get_type().const_float(v);
-        let mut acc = c(coeffs[0]);
-        for &k in &coeffs[1..] {
-            acc = self.add(self.mul(acc, x)?, c(k))?;
-        }
-        Ok(acc)
-    }
-
-    /// eˣ in f32 (Cephes `expf`, as `lower`).
-    fn exp(&self, x: Fv<'ctx>) -> Kr<Fv<'ctx>> {
-        let (b, i32t, f32t) = (&self.b, self.ctx.i32_type(), self.ctx.f32_type());
-        let clamped = self.fcall("llvm.minnum", &[self.fmax(x, self.f32c(-104.0))?, self.f32c(89.0)])?;
-        let n = self.fcall("llvm.rint", &[self.mul(clamped, self.f32c(std::f64::consts::LOG2_E))?])?;
-        let r = self.sub(clamped, self.mul(n, self.f32c(0.693359375))?)?;
-        let r = self.sub(r, self.mul(n, self.f32c(-2.12194440e-4))?)?;
-        let p = self.poly(
-            r,
-            &[1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1],
-        )?;
-        let y = self.add(self.add(self.mul(p, self.mul(r, r)?)?, r)?, self.f32c(1.0))?;
-        let ni = b.build_float_to_signed_int(n, i32t, "")?;
-        let n1 = b.build_right_shift(ni, self.i32c(1), true, "")?;
-        let n2 = b.build_int_sub(ni, n1, "")?;
-        let pow2 = |k: Iv<'ctx>| -> Kr<Fv<'ctx>> {
-            let bits = b.build_left_shift(b.build_int_add(k, self.i32c(127), "")?, self.i32c(23), "")?;
-            Ok(b.build_bit_cast(bits, f32t, "")?.into_float_value())
-        };
-        let scaled = self.mul(self.mul(y, pow2(n1)?)?, pow2(n2)?)?;
-        let nan = b.build_float_compare(FloatPredicate::UNO, x, x, "")?;
-        self.select_f(nan, x, scaled)
-    }
-
-    /// ln x in f32 for x > 0 (Cephes `logf`, as `lower`).
-    fn log(&self, x: Fv<'ctx>) -> Kr<Fv<'ctx>> {
-        let (b, i32t, f32t) = (&self.b, self.ctx.i32_type(), self.ctx.f32_type());
-        let small = b.build_float_compare(FloatPredicate::OLT, x, self.f32c(f32::MIN_POSITIVE as f64), "")?;
-        let xs = self.select_f(small, self.mul(x, self.f32c(8388608.0))?, x)?;
-        let eoff = self.select_i(small, self.i32c(-23), self.i32c(0))?;
-        let bits = b.build_bit_cast(xs, i32t, "")?.into_int_value();
-        let biased = b.build_and(b.build_right_shift(bits, self.i32c(23), false, "")?, self.i32c(0xff), "")?;
-        let e = b.build_int_add(b.build_int_sub(biased, self.i32c(126), "")?, eoff, "")?;
-        let mbits = b.build_or(b.build_and(bits, self.i32c(0x807f_ffff), "")?, self.i32c(0x3f00_0000), "")?;
-        let m = b.build_bit_cast(mbits, f32t, "")?.into_float_value();
-        let lt = b.build_float_compare(FloatPredicate::OLT, m, self.f32c(std::f64::consts::FRAC_1_SQRT_2), "")?;
-        let e = b.build_int_sub(e, b.build_int_z_extend(lt, i32t, "")?, "")?;
-        let one = self.f32c(1.0);
-        let t = self.select_f(lt, self.sub(self.add(m, m)?, one)?, self.sub(m, one)?)?;
-        let fe = b.build_signed_int_to_float(e, f32t, "")?;
-        let z = self.mul(t, t)?;
-        let p = self.poly(
-            t,
-            &[
-                7.0376836292e-2,
-                -1.1514610310e-1,
-                1.1676998740e-1,
-                -1.2420140846e-1,
-                1.4249322787e-1,
-                -1.6668057665e-1,
-                2.0000714765e-1,
-                -2.4999993993e-1,
-                3.3333331174e-1,
-            ],
-        )?;
-        let y = self.mul(self.mul(p, t)?, z)?;
-        let y = self.add(y, self.mul(fe, self.f32c(-2.12194440e-4))?)?;
-        let y = self.sub(y, self.mul(z, self.f32c(0.5))?)?;
-        let r = self.add(t, y)?;
-        self.add(r, self.mul(fe, self.f32c(0.693359375))?)
-    }
 
     /// (sin x, cos x) in f64 for |x| < 2²⁰·π/2: Cody–Waite reduction by π/2 in three parts, fdlibm's kernels.
     #[allow(clippy::excessive_precision)] // fdlibm's constants, digit for digit
@@ -1022,7 +748,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let d64 = dim as u64;
         match self.flavor {
             Flavor::Host => {
-                let (v0, v1) = self.host_slice(vocab as u64)?;
+                let (v0, v1) = self.host_slice(self.i64c(vocab as u64))?;
                 let (z0, z1) = (self.imulc(v0, d64)?, self.imulc(v1, d64)?);
                 self.for_loop("zero", z0, z1, self.i64c(1), &[], &mut |g, e, _| {
                     g.stf(2, e, g.f32c(0.0))?;
