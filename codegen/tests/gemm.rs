@@ -17,38 +17,8 @@ use ir::nf4::{self, Nf4Tensor};
 use ir::{Builder, DType, Nf4Format, Op, OutputKind, Type, ValueId};
 use kernels::gemm::{nf4_buffers, BufElem, Gemm};
 
-/// xorshift64*: reproducible inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f64 / (1u64 << 24) as f64
-    }
-    fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
-        (0..n).map(|_| (lo + (hi - lo) * self.next()) as f32).collect()
-    }
-}
-
-fn require_ptxas() -> bool {
-    if ptxas::find_ptxas().is_some() {
-        return true;
-    }
-    if std::env::var("TUNEC_ALLOW_NO_PTXAS").as_deref() == Ok("1") {
-        eprintln!("ptxas not found; skipping the ptxas checks because TUNEC_ALLOW_NO_PTXAS=1");
-        return false;
-    }
-    panic!(
-        "ptxas not found (TUNEC_PTXAS, ~/.cache/tunec/{}, PATH): run scripts/setup.sh, or set TUNEC_ALLOW_NO_PTXAS=1 \
-         to skip the ptxas checks",
-        ptxas::CACHED_PTXAS
-    );
-}
+mod common;
+use common::{require_ptxas, Rng};
 
 /// A one-GEMM graph plus its input values.
 struct Case {

@@ -15,41 +15,12 @@ use kernels::loops::{Elem, Iteration, LoopError, LoopNest};
 use passes::fuse::Fuse;
 use passes::Pass;
 
+mod common;
+use common::{require_ptxas, Rng};
+
 const SIZES: [usize; 3] = [3, 50, 783];
 const ATOL: f64 = 1e-6;
 const RTOL: f64 = 1e-5;
-
-/// xorshift64*: reproducible inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f64 / (1u64 << 24) as f64
-    }
-    /// Uniform in [lo, hi), rounded to f32.
-    fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
-        (0..n).map(|_| (lo + (hi - lo) * self.next()) as f32).collect()
-    }
-}
-
-/// ptxas is part of the toolchain: its absence fails the suite unless explicitly allowed.
-fn require_ptxas() -> bool {
-    if ptxas::find_ptxas().is_some() {
-        return true;
-    }
-    if std::env::var("TUNEC_ALLOW_NO_PTXAS").as_deref() == Ok("1") {
-        eprintln!("ptxas not found; skipping the ptxas checks because TUNEC_ALLOW_NO_PTXAS=1");
-        return false;
-    }
-    panic!(
-        "ptxas not found (TUNEC_PTXAS, ~/.cache/tunec/{}, PATH): run scripts/setup.sh, or set TUNEC_ALLOW_NO_PTXAS=1 \
-         to skip the ptxas checks",
-        ptxas::CACHED_PTXAS
-    );
-}
 
 /// A graph under construction plus the values of its inputs.
 struct Case {

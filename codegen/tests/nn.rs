@@ -16,43 +16,15 @@ use ir::{AttnArg, Builder, DType, Op, OutputKind, Type, ValueId};
 use kernels::loops::Elem;
 use kernels::nn::NnKernel;
 
+mod common;
+use common::{require_ptxas, Rng};
+
 /// Attention and cross-entropy (f32 accumulation vs the interpreter's f64).
 const ATOL: f64 = 1e-5;
 const RTOL: f64 = 1e-4;
 /// Gathers, scatters of a few terms, and RoPE (the same f32 angles and a rotation rounded once).
 const ATOL_TIGHT: f64 = 1e-6;
 const RTOL_TIGHT: f64 = 1e-6;
-
-/// xorshift64*: reproducible inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f64 / (1u64 << 24) as f64
-    }
-    fn below(&mut self, n: usize) -> i32 {
-        ((self.next() * n as f64) as usize).min(n - 1) as i32
-    }
-}
-
-/// ptxas is part of the toolchain: its absence fails the suite unless explicitly allowed.
-fn require_ptxas() -> bool {
-    if ptxas::find_ptxas().is_some() {
-        return true;
-    }
-    if std::env::var("TUNEC_ALLOW_NO_PTXAS").as_deref() == Ok("1") {
-        eprintln!("ptxas not found; skipping the ptxas checks because TUNEC_ALLOW_NO_PTXAS=1");
-        return false;
-    }
-    panic!(
-        "ptxas not found (TUNEC_PTXAS, ~/.cache/tunec/{}, PATH): run scripts/setup.sh, or set TUNEC_ALLOW_NO_PTXAS=1 \
-         to skip the ptxas checks",
-        ptxas::CACHED_PTXAS
-    );
-}
 
 /// A one-op graph under construction plus the values of its inputs.
 struct Case {
