@@ -6,6 +6,7 @@ pub mod attr;
 pub mod builder;
 pub mod graph;
 pub mod infer;
+pub mod init;
 pub mod interp;
 pub mod nf4;
 pub mod ops;

@@ -98,3 +98,52 @@ fn nf4_weights_equal_bitsandbytes_bit_for_bit() {
         }
     }
 }
+
+/// PEFT's initialisation, materialized by `ir::init` from the inits our PEFT transforms declare: DoRA's magnitude is
+/// the row norm of the base weight (of the dequantized NF4 weight for QDoRA), as PEFT computed it in the fixtures;
+/// LoRA's A is U(−1/√in, 1/√in) and B is zero.
+#[test]
+fn peft_initialisation_matches_the_reference() {
+    use ir::init::materialize;
+    use ir::{Init, Op};
+    for (case, example) in [("dora", "tiny.dora.rs"), ("qdora", "tiny.qdora.rs")] {
+        let fx = Fixture::load(&format!("llama_{case}.safetensors"), "tunec-golden-llama", "1");
+        let g = compile_example(example).forward;
+        let env = fx.llama_env();
+        let mut checked = 0;
+        for (v, name, _) in g.params() {
+            let Op::Param { init, .. } = &g.node(v).op else { unreachable!() };
+            // The base weights as the graph declares them: NF4 ones quantized, as the interpreter loads them.
+            let source = |n: &str| {
+                let p = g.param(n)?;
+                let t = env.params.get(n)?.as_f()?.clone();
+                Some(match g.ty(p).dtype {
+                    ir::DType::Nf4(f) => Value::Q(ir::nf4::quantize(
+                        &t.to_f32(),
+                        &t.shape,
+                        f.block as usize,
+                        f.double_quant.map(|b| b as usize),
+                    )),
+                    _ => Value::F(t),
+                })
+            };
+            match init {
+                Init::RowNorm { .. } => {
+                    let ours = materialize(init, name, &g.ty(v).shape, 0, &source).unwrap();
+                    let peft = fx.tensor(&format!("adapter.{name}"));
+                    let e = rel_err(&ours.data, &peft.data);
+                    assert!(e < 1e-6, "{case}: {name} magnitude differs from PEFT's by {e:e}");
+                    checked += 1;
+                }
+                Init::KaimingUniform { .. } => {
+                    let t = materialize(init, name, &g.ty(v).shape, 0, &source).unwrap();
+                    let bound = 1.0 / (g.ty(v).shape[1] as f64).sqrt();
+                    assert!(t.data.iter().all(|x| x.abs() <= bound * (1.0 + 1e-6)), "{name}");
+                }
+                Init::Zeros => assert!(name.ends_with("lora_B.weight"), "{name} starts at zero"),
+                _ => {}
+            }
+        }
+        assert_eq!(checked, 14, "{case}: one magnitude per adapted module");
+    }
+}
