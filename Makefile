@@ -36,6 +36,9 @@ demo: setup
 	echo "... ($$(wc -l < target/demo/llama2-7b.qlora.tir) lines in target/demo/llama2-7b.qlora.tir)"
 	echo "== what the optimizer did (unoptimized vs optimized step)"
 	target/release/tunec compile examples/llama2-7b.qlora.rs --emit none --report
+	echo "== code generation: the tiny QLoRA step to plan.bin (PTX for sm_80/sm_90 checked by ptxas, host library)"
+	target/release/tunec compile examples/tiny.qlora.rs -o target/demo/tiny.qlora.plan --report 2>&1 | grep -E "^codegen|^wrote|^symbol|^tunec_k[0-9] "
+	target/release/tunec inspect target/demo/tiny.qlora.plan
 	echo "== the IR after every pass for the tiny LoRA recipe: target/demo/tiny.lora/"
 	target/release/tunec compile examples/tiny.lora.rs --emit none --dump-all target/demo/tiny.lora
 
