@@ -86,11 +86,14 @@ impl Template {
             Ok(n) => return Ok(Template::Loops(n)),
             Err(e) => e.to_string(),
         };
-        if let [v] = k.nodes.as_slice() {
-            if let Ok(gm) = Gemm::from_node(g, *v, &k.name) {
+        // A single anchor, possibly with views of its inputs or output (reshape, stop_gradient): views move no data
+        // (the memory plan aliases them), so the anchor's template is the whole kernel.
+        let is_view = |v: &ir::ValueId| matches!(g.node(*v).op, ir::Op::Reshape { .. } | ir::Op::StopGradient {});
+        if let [v] = k.nodes.iter().filter(|v| !is_view(v)).collect::<Vec<_>>().as_slice() {
+            if let Ok(gm) = Gemm::from_node(g, **v, &k.name) {
                 return Ok(Template::Gemm(gm));
             }
-            if let Ok(nn) = NnKernel::from_group(g, k) {
+            if let Ok(nn) = NnKernel::from_node(g, **v, &k.name) {
                 return Ok(Template::Nn(nn));
             }
         }
