@@ -13,6 +13,7 @@ use std::time::Instant;
 use inkwell::context::Context;
 use inkwell::targets::FileType;
 use inkwell::values::AnyValue;
+use ir::plan::{KernelArg, KernelLaunch};
 use ir::Graph;
 use kernels::gemm::Gemm;
 use kernels::loops::LoopNest;
@@ -33,6 +34,9 @@ pub struct KernelBuild {
     pub resources: BTreeMap<u32, KernelResources>,
     /// The kernel's LLVM IR (host flavour), as text.
     pub llvm_ir: String,
+    /// Buffer arguments in ABI order, and the GPU launch (empty / `None` without code).
+    pub args: Vec<ir::plan::KernelArg>,
+    pub launch: Option<ir::plan::KernelLaunch>,
 }
 
 /// What codegen produced for a graph.
@@ -153,6 +157,56 @@ impl Template {
     }
 }
 
+/// The kernel's buffer arguments in ABI order (graph values; NF4 weights split into their storage parts) and its
+/// GPU launch.
+pub fn kernel_interface(g: &Graph, k: &ir::Kernel, t: &Template) -> (Vec<KernelArg>, KernelLaunch) {
+    let plain = |v: ir::ValueId| KernelArg { value: v.0, part: 0 };
+    let block = |b: u32| KernelLaunch { block: b, ..KernelLaunch::default() };
+    let clamp = |n: usize| n.clamp(1, 65_535) as u32;
+    match t {
+        Template::Loops(n) => {
+            let grid = match n.iteration {
+                kernels::loops::Iteration::Elements { len } => clamp(len.div_ceil(256)),
+                kernels::loops::Iteration::Rows { rows, .. } => clamp(rows),
+            };
+            let launch = KernelLaunch { grid: (grid, 1, 1), ..block(256) };
+            (n.buffers.iter().map(|b| plain(b.value)).collect(), launch)
+        }
+        Template::Nn(nn) => {
+            let l = nn.launch();
+            let out = nn.n_inputs as u32;
+            let launch = KernelLaunch {
+                grid: (l.grid, 1, 1),
+                zero_host: if l.zero_output_host { vec![out] } else { vec![] },
+                zero_gpu: if l.zero_output_gpu { vec![out] } else { vec![] },
+                ..block(kernels::nn::NN_BLOCK_THREADS)
+            };
+            (nn.buffers.iter().map(|b| plain(b.value)).collect(), launch)
+        }
+        Template::Gemm(gm) => {
+            let anchor = k
+                .nodes
+                .iter()
+                .copied()
+                .find(|v| !matches!(g.node(*v).op, ir::Op::Reshape { .. } | ir::Op::StopGradient {}))
+                .expect("a GEMM kernel has its GEMM node");
+            let mut args = vec![];
+            for &i in &g.node(anchor).inputs {
+                match g.ty(i).dtype {
+                    ir::DType::Nf4(f) => {
+                        let parts = if f.double_quant.is_some() { 4 } else { 2 };
+                        args.extend((0..parts).map(|part| KernelArg { value: i.0, part }));
+                    }
+                    _ => args.push(plain(i)),
+                }
+            }
+            args.push(plain(anchor));
+            let (gx, gy) = crate::gemm::gpu_grid(gm);
+            (args, KernelLaunch { grid: (gx, gy, 1), ..block(crate::gemm::GPU_BLOCK_THREADS) })
+        }
+    }
+}
+
 /// Generates code for every kernel group of `g` (which must have been through `fuse` and `schedule`).
 pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
     let t0 = Instant::now();
@@ -160,8 +214,11 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
     let mut distinct: Vec<Template> = vec![];
     let mut by_key: HashMap<String, usize> = HashMap::new();
     let mut kernel_distinct: Vec<Option<usize>> = vec![];
+    let mut templates: Vec<Option<Template>> = vec![];
     for k in &g.kernels {
-        match Template::of(g, k) {
+        let t = Template::of(g, k);
+        templates.push(t.as_ref().ok().cloned());
+        match t {
             Ok(t) => {
                 let idx = *by_key.entry(t.key()).or_insert_with(|| {
                     let mut n = t.clone();
@@ -237,15 +294,20 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
         }
     }
 
-    for (k, d) in g.kernels.iter().zip(&kernel_distinct) {
-        out.kernels.push(match d {
-            Some(i) => KernelBuild {
-                name: k.name.clone(),
-                symbol: distinct[*i].symbol(),
-                resources: res_of[*i].clone(),
-                llvm_ir: llvm_of[*i].clone(),
-            },
-            None => KernelBuild { name: k.name.clone(), ..KernelBuild::default() },
+    for ((k, d), t) in g.kernels.iter().zip(&kernel_distinct).zip(&templates) {
+        out.kernels.push(match (d, t) {
+            (Some(i), Some(t)) => {
+                let (args, launch) = kernel_interface(g, k, t);
+                KernelBuild {
+                    name: k.name.clone(),
+                    symbol: distinct[*i].symbol(),
+                    resources: res_of[*i].clone(),
+                    llvm_ir: llvm_of[*i].clone(),
+                    args,
+                    launch: Some(launch),
+                }
+            }
+            _ => KernelBuild { name: k.name.clone(), ..KernelBuild::default() },
         });
     }
     out.nests = distinct;

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 pub const MAGIC: [u8; 8] = *b"TUNECPLN";
 /// The version of the payload's layout this tunec writes and reads. Bump it on any change to [`Payload`] or to the
 /// meaning of a field; older or newer plans are refused with [`PlanError::Version`].
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Magic + version + payload length + checksum.
 pub const HEADER_BYTES: usize = 8 + 4 + 8 + 4;
 /// The tunec release that writes plans (all crates share the workspace version).
@@ -133,6 +133,31 @@ pub struct KernelCode {
     /// A host object file for the CPU backend.
     #[serde(with = "serde_bytes")]
     pub host_object: Option<Vec<u8>>,
+    /// The kernel's buffer arguments in ABI order (inputs, then outputs): which value, and which part of it (NF4
+    /// weights are passed as their storage parts: packed codes, absmax codes or absmax, absmax2, offset).
+    pub args: Vec<KernelArg>,
+    /// How to launch it on a GPU, and which arguments must hold zeros first (outputs the kernel accumulates into).
+    pub launch: Option<KernelLaunch>,
+}
+
+/// One buffer argument of a kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelArg {
+    /// The graph value (`ValueId.0`).
+    pub value: u32,
+    /// 0 for a plain tensor; the storage part for an NF4 value.
+    pub part: u8,
+}
+
+/// The launch shape of a kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelLaunch {
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    /// Argument indices to zero before the host function runs.
+    pub zero_host: Vec<u32>,
+    /// Argument indices to zero before the GPU kernel runs.
+    pub zero_gpu: Vec<u32>,
 }
 
 /// The training settings of the recipe.
@@ -444,6 +469,14 @@ impl Plan {
                      names a missing value",
                     b.region, b.offset, b.bytes, b.first
                 ));
+            }
+        }
+        for k in &self.kernels {
+            if let Some(a) = k.args.iter().find(|a| a.value as usize >= self.graph.nodes.len()) {
+                return Err(PlanError::Inconsistent(format!(
+                    "kernel `{}` takes value %{}, which the graph does not have",
+                    k.name, a.value
+                )));
             }
         }
         if self.kernels.len() != self.graph.kernels.len() {

@@ -314,7 +314,7 @@ fn a_memory_plan_that_does_not_fit_the_graph_is_refused() {
 fn summary_names_what_is_in_the_plan() {
     let s = plan().summary();
     for want in [
-        "plan small for h100 (plan format 2",
+        "plan small for h100 (plan format 3",
         "5 nodes",
         "1 kernels",
         "frozen",
@@ -328,4 +328,18 @@ fn summary_names_what_is_in_the_plan() {
     ] {
         assert!(s.contains(want), "summary lacks {want:?}:\n{s}");
     }
+}
+
+#[test]
+fn a_kernel_argument_outside_the_graph_is_inconsistent() {
+    let mut p = plan();
+    p.kernels[0].args.push(ir::plan::KernelArg { value: 10_000, part: 0 });
+    assert!(matches!(p.check(), Err(PlanError::Inconsistent(m)) if m.contains("%10000")));
+    // …and a valid argument list survives the round trip.
+    let mut p = plan();
+    p.kernels[0].args = vec![ir::plan::KernelArg { value: 0, part: 0 }];
+    p.kernels[0].launch = Some(ir::plan::KernelLaunch { grid: (2, 1, 1), block: 256, ..Default::default() });
+    let back = Plan::from_bytes(&p.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.kernels[0].args, p.kernels[0].args);
+    assert_eq!(back.kernels[0].launch, p.kernels[0].launch);
 }

@@ -215,6 +215,8 @@ fn compile(args: &CompileArgs) -> Result<(), String> {
             for (code, k) in plan.kernels.iter_mut().zip(&b.kernels) {
                 code.symbol = k.symbol.clone();
                 code.llvm_ir = (!k.llvm_ir.is_empty()).then(|| k.llvm_ir.clone());
+                code.args = k.args.clone();
+                code.launch = k.launch.clone();
             }
             plan.ptx_modules = b.ptx.clone();
             plan.host_library = b.host_library.clone();
