@@ -4,10 +4,9 @@
 //!
 //! `cargo run --release -p codegen --example dump_gpu_cases -- target/gpucheck`
 
-use codegen::build::{kernel_ptx, Template};
+use codegen::build::{kernel_interface, kernel_ptx, Template};
 use ir::interp::{run, Env, Precision, Tensor, Value};
 use ir::{DType, Op, Role};
-use kernels::loops::{Elem, Iteration};
 use passes::{training_pipeline, PassManager, PipelineOptions};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -78,64 +77,27 @@ fn main() {
             }
             let mut meta = String::new();
             let _ = writeln!(meta, "recipe {recipe}\nkernel {}\nsymbol {}", k.name, t.symbol());
-            // Buffers as (element type, raw bytes), inputs first; and the launch for templates with their own.
-            let bytes_of = |v: &Value| -> (&'static str, Vec<u8>) {
-                match v {
+            // Buffers as (element type, raw bytes) in the kernel's argument order, and its launch — exactly what the
+            // plan records for the runtime (`codegen::build::kernel_interface`).
+            let (args, launch) = kernel_interface(&g, k, &t);
+            let n_inputs = args.len() - t.n_outputs();
+            let _ = writeln!(meta, "iteration template");
+            let _ = writeln!(meta, "launch {} {} {}", launch.grid.0, launch.grid.1, launch.block);
+            if !launch.zero_gpu.is_empty() {
+                let z: Vec<String> = launch.zero_gpu.iter().map(u32::to_string).collect();
+                let _ = writeln!(meta, "zero {}", z.join(" "));
+            }
+            let mut bufs: Vec<(&'static str, Vec<u8>)> = vec![];
+            for a in &args {
+                bufs.push(match &vals[a.value as usize] {
                     Value::I { data, .. } => ("i32", data.iter().flat_map(|x| x.to_le_bytes()).collect()),
                     Value::F(t) => ("f32", t.to_f32().iter().flat_map(|x| x.to_le_bytes()).collect()),
-                    Value::Q(_) => unreachable!("NF4 values are split into their storage buffers"),
-                }
-            };
-            let mut bufs: Vec<(&'static str, Vec<u8>)> = vec![];
-            let n_inputs;
-            match &t {
-                Template::Loops(nest) => {
-                    match nest.iteration {
-                        Iteration::Elements { len } => {
-                            let _ = writeln!(meta, "iteration elements {len}");
-                        }
-                        Iteration::Rows { rows, cols } => {
-                            let _ = writeln!(meta, "iteration rows {rows} {cols}");
-                        }
+                    Value::Q(q) => {
+                        let parts = kernels::gemm::nf4_buffers(q);
+                        let elem = if a.part < 2 && (parts.len() == 4 || a.part == 0) { "u8" } else { "f32" };
+                        (elem, parts[a.part as usize].clone())
                     }
-                    n_inputs = nest.n_inputs;
-                    for buf in &nest.buffers {
-                        let (e, b) = bytes_of(&vals[buf.value.index()]);
-                        assert_eq!(e == "i32", buf.elem == Elem::I32);
-                        bufs.push((e, b));
-                    }
-                }
-                Template::Nn(nn) => {
-                    let l = nn.launch();
-                    let _ = writeln!(meta, "iteration template\nlaunch {} 1 {}", l.grid, kernels::nn::NN_BLOCK_THREADS);
-                    if l.zero_output_gpu {
-                        let _ = writeln!(meta, "zero {}", nn.n_inputs);
-                    }
-                    n_inputs = nn.n_inputs;
-                    for buf in &nn.buffers {
-                        bufs.push(bytes_of(&vals[buf.value.index()]));
-                    }
-                }
-                Template::Gemm(gm) => {
-                    let (gx, gy) = codegen::gemm::gpu_grid(gm);
-                    let _ = writeln!(meta, "iteration template\nlaunch {gx} {gy} {}", codegen::gemm::GPU_BLOCK_THREADS);
-                    let node = g.node(k.nodes[0]);
-                    for (i, &input) in node.inputs.iter().enumerate() {
-                        match &vals[input.index()] {
-                            Value::Q(q) if i == 1 => {
-                                let parts = kernels::gemm::nf4_buffers(q);
-                                let kinds: Vec<&'static str> = match parts.len() {
-                                    4 => vec!["u8", "u8", "f32", "f32"],
-                                    _ => vec!["u8", "f32"],
-                                };
-                                bufs.extend(kinds.into_iter().zip(parts));
-                            }
-                            v => bufs.push(bytes_of(v)),
-                        }
-                    }
-                    n_inputs = bufs.len();
-                    bufs.push(bytes_of(&vals[k.nodes[0].index()]));
-                }
+                });
             }
             let _ = writeln!(meta, "inputs {n_inputs}");
             for (b, (elem, data)) in bufs.iter().enumerate() {

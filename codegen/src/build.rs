@@ -112,6 +112,15 @@ impl Template {
         }
     }
 
+    /// How many of the kernel's buffers are outputs (the rest, first, are inputs).
+    pub fn n_outputs(&self) -> usize {
+        match self {
+            Template::Loops(n) => n.buffers.len() - n.n_inputs,
+            Template::Nn(nn) => nn.buffers.len() - nn.n_inputs,
+            Template::Gemm(_) => 1,
+        }
+    }
+
     pub fn symbol(&self) -> String {
         match self {
             Template::Loops(n) => n.symbol(),
