@@ -5,54 +5,10 @@
 //! `cargo run --release -p codegen --example dump_gpu_cases -- target/gpucheck`
 
 use codegen::build::{kernel_interface, kernel_ptx, Template};
-use ir::interp::{run, Env, Precision, Tensor, Value};
-use ir::{DType, Op, Role};
+use ir::interp::{run, Precision, Value};
 use passes::{training_pipeline, PassManager, PipelineOptions};
 use std::fmt::Write as _;
 use std::path::PathBuf;
-
-fn env_for(g: &ir::Graph, seed: u64) -> Env {
-    let mut env = Env::default();
-    let rand = |shape: &[usize], s: u64, scale: f64| {
-        let n: usize = shape.iter().product();
-        Tensor::new(
-            shape.to_vec(),
-            (0..n).map(|i| scale * (2.0 * ir::rng::uniform(s, 7, i as u64) as f64 - 1.0)).collect(),
-        )
-    };
-    for (i, n) in g.nodes.iter().enumerate() {
-        let s = seed * 10_000 + i as u64;
-        match &n.op {
-            Op::Param { name, role, .. } => {
-                let v = match role {
-                    Role::State => Tensor::zeros(&n.ty.shape),
-                    _ if name.contains("norm") => Tensor::new(n.ty.shape.clone(), vec![1.0; n.ty.numel()]),
-                    _ => rand(&n.ty.shape, s, 0.1),
-                };
-                env.params.insert(name.clone(), Value::F(v));
-            }
-            Op::Input { name } => {
-                let v = match (name.as_str(), n.ty.dtype) {
-                    ("lr", _) => Value::F(Tensor::scalar(1e-3)),
-                    ("opt_step", _) | ("step", _) => Value::ints(vec![], vec![1]),
-                    ("position_ids", _) => {
-                        let t = n.ty.shape[1];
-                        Value::ints(n.ty.shape.clone(), (0..n.ty.numel()).map(|k| (k % t) as i32).collect())
-                    }
-                    ("segment_ids", _) => Value::ints(n.ty.shape.clone(), vec![0; n.ty.numel()]),
-                    (_, DType::I32) => Value::ints(
-                        n.ty.shape.clone(),
-                        (0..n.ty.numel()).map(|k| ((k * 37 + 11) % 128) as i32).collect(),
-                    ),
-                    _ => Value::F(rand(&n.ty.shape, s, 1.0)),
-                };
-                env.inputs.insert(name.clone(), v);
-            }
-            _ => {}
-        }
-    }
-    env
-}
 
 fn main() {
     let out = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "target/gpucheck".into()));
@@ -63,7 +19,7 @@ fn main() {
         let r = frontend::compile_file(&root.join("examples").join(recipe), models::library()).expect("recipe");
         let mut g = r.forward.clone();
         PassManager::new(training_pipeline(&PipelineOptions::default())).run(&mut g).expect("pipeline");
-        let env = env_for(&g, 1);
+        let env = ir::interp::random_env(&g, 1);
         let vals = run(&g, &env, Precision::F32).expect("interpreter");
         for k in &g.kernels {
             let Ok(t) = Template::of(&g, k) else {

@@ -15,9 +15,6 @@ use inkwell::targets::FileType;
 use inkwell::values::AnyValue;
 use ir::plan::{KernelArg, KernelLaunch};
 use ir::Graph;
-use kernels::gemm::Gemm;
-use kernels::loops::LoopNest;
-use kernels::nn::NnKernel;
 
 use crate::lower::{emit_host, emit_ptx as emit_ptx_fn, host_target_machine, optimize_host};
 use crate::ptxas::{self, KernelResources};
@@ -72,75 +69,23 @@ impl Default for BuildOptions {
     }
 }
 
-/// A kernel group's description under one of the templates.
-#[derive(Clone, Debug)]
-pub enum Template {
-    /// Elementwise and row-reduction groups (`kernels::loops`).
-    Loops(LoopNest),
-    /// GEMMs: matmul, qmatmul (NF4 prologue), lora_linear (rank-r epilogue) (`kernels::gemm`).
-    Gemm(Gemm),
-    /// Attention (+ backward), RoPE, embedding (+ backward), cross-entropy (+ linear, + backward) (`kernels::nn`).
-    Nn(NnKernel),
+pub use kernels::template::Template;
+
+/// Emission of a template's description for each target.
+trait Emit {
+    fn emit_host<'ctx>(
+        &self,
+        ctx: &'ctx Context,
+        module: &inkwell::module::Module<'ctx>,
+    ) -> Result<inkwell::values::FunctionValue<'ctx>, CodegenError>;
+    fn emit_ptx<'ctx>(
+        &self,
+        ctx: &'ctx Context,
+        module: &inkwell::module::Module<'ctx>,
+    ) -> Result<inkwell::values::FunctionValue<'ctx>, CodegenError>;
 }
 
-impl Template {
-    /// The template for a kernel group, or why none applies.
-    pub fn of(g: &Graph, k: &ir::Kernel) -> Result<Template, String> {
-        let loops = match LoopNest::from_group(g, k) {
-            Ok(n) => return Ok(Template::Loops(n)),
-            Err(e) => e.to_string(),
-        };
-        // A single anchor, possibly with views of its inputs or output (reshape, stop_gradient): views move no data
-        // (the memory plan aliases them), so the anchor's template is the whole kernel.
-        let is_view = |v: &ir::ValueId| matches!(g.node(*v).op, ir::Op::Reshape { .. } | ir::Op::StopGradient {});
-        if let [v] = k.nodes.iter().filter(|v| !is_view(v)).collect::<Vec<_>>().as_slice() {
-            if let Ok(gm) = Gemm::from_node(g, **v, &k.name) {
-                return Ok(Template::Gemm(gm));
-            }
-            if let Ok(nn) = NnKernel::from_node(g, **v, &k.name) {
-                return Ok(Template::Nn(nn));
-            }
-        }
-        Err(loops)
-    }
-
-    fn rename(&mut self, name: String) {
-        match self {
-            Template::Loops(n) => n.name = name,
-            Template::Gemm(gm) => gm.name = name,
-            Template::Nn(nn) => nn.name = name,
-        }
-    }
-
-    /// How many of the kernel's buffers are outputs (the rest, first, are inputs).
-    pub fn n_outputs(&self) -> usize {
-        match self {
-            Template::Loops(n) => n.buffers.len() - n.n_inputs,
-            Template::Nn(nn) => nn.buffers.len() - nn.n_inputs,
-            Template::Gemm(_) => 1,
-        }
-    }
-
-    pub fn symbol(&self) -> String {
-        match self {
-            Template::Loops(n) => n.symbol(),
-            Template::Gemm(gm) => gm.symbol(),
-            Template::Nn(nn) => nn.symbol(),
-        }
-    }
-
-    /// Everything instance-specific erased: equal keys are the same kernel.
-    fn key(&self) -> String {
-        let mut t = self.clone();
-        t.rename(String::new());
-        match &mut t {
-            Template::Loops(n) => n.buffers.iter_mut().for_each(|b| b.value = ir::ValueId(0)),
-            Template::Nn(nn) => nn.buffers.iter_mut().for_each(|b| b.value = ir::ValueId(0)),
-            Template::Gemm(_) => {}
-        }
-        format!("{t:?}")
-    }
-
+impl Emit for Template {
     fn emit_host<'ctx>(
         &self,
         ctx: &'ctx Context,
@@ -164,6 +109,15 @@ impl Template {
             Template::Nn(nn) => crate::nn::emit_ptx(ctx, module, nn),
         }
     }
+}
+
+/// Emits a template's host function (`void sym(void** args, i32 tid, i32 nthreads)`) into `module`.
+pub fn emit_host_template<'ctx>(
+    ctx: &'ctx Context,
+    module: &inkwell::module::Module<'ctx>,
+    t: &Template,
+) -> Result<inkwell::values::FunctionValue<'ctx>, CodegenError> {
+    t.emit_host(ctx, module)
 }
 
 /// The kernel's buffer arguments in ABI order (graph values; NF4 weights split into their storage parts) and its
@@ -193,12 +147,7 @@ pub fn kernel_interface(g: &Graph, k: &ir::Kernel, t: &Template) -> (Vec<KernelA
             (nn.buffers.iter().map(|b| plain(b.value)).collect(), launch)
         }
         Template::Gemm(gm) => {
-            let anchor = k
-                .nodes
-                .iter()
-                .copied()
-                .find(|v| !matches!(g.node(*v).op, ir::Op::Reshape { .. } | ir::Op::StopGradient {}))
-                .expect("a GEMM kernel has its GEMM node");
+            let anchor = Template::anchor(g, k).expect("a GEMM kernel has its GEMM node");
             let mut args = vec![];
             for &i in &g.node(anchor).inputs {
                 match g.ty(i).dtype {

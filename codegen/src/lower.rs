@@ -502,6 +502,49 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             ExprOp::Scalar { value, elem: Elem::F32 } => self.f32c(*value).into(),
             ExprOp::Scalar { value, elem: Elem::I32 } => self.i32c(*value as i64).into(),
             ExprOp::View => self.gen(expr.args[0], ix)?,
+            ExprOp::Strided { axes, offset } => {
+                let b = &self.b;
+                let (mut rest, mut src) = (ix.lin, self.i64c(*offset as u64));
+                for &(extent, stride) in axes {
+                    let ext = self.i64c(extent as u64);
+                    let coord = b.build_int_unsigned_rem(rest, ext, "")?;
+                    src = b.build_int_add(src, b.build_int_mul(coord, self.i64c(stride as u64), "")?, "")?;
+                    rest = b.build_int_unsigned_div(rest, ext, "")?;
+                }
+                self.gen(expr.args[0], Ix { lin: src, rc: None })?
+            }
+            ExprOp::Concat { lens, inner } => {
+                // (outer, c, inner) of this index; every argument is read at a clamped (in-bounds) index and the
+                // one holding `c` selected.
+                let total: usize = lens.iter().sum();
+                let (inner_c, total_c) = (self.i64c(*inner as u64), self.i64c(total as u64));
+                let q = self.b.build_int_unsigned_div(ix.lin, inner_c, "")?;
+                let r = self.b.build_int_unsigned_rem(ix.lin, inner_c, "")?;
+                let c = self.b.build_int_unsigned_rem(q, total_c, "")?;
+                let o = self.b.build_int_unsigned_div(q, total_c, "")?;
+                let mut result: Option<FloatValue> = None;
+                let mut start = 0usize;
+                for (&a, &len) in expr.args.iter().zip(lens.iter()) {
+                    let b = &self.b;
+                    let s_c = self.i64c(start as u64);
+                    let inside = b.build_and(
+                        b.build_int_compare(IntPredicate::UGE, c, s_c, "")?,
+                        b.build_int_compare(IntPredicate::ULT, c, self.i64c((start + len) as u64), "")?,
+                        "",
+                    )?;
+                    let local = b.build_select(inside, b.build_int_sub(c, s_c, "")?, self.i64c(0), "")?;
+                    let row =
+                        b.build_int_add(b.build_int_mul(o, self.i64c(len as u64), "")?, local.into_int_value(), "")?;
+                    let lin = b.build_int_add(b.build_int_mul(row, inner_c, "")?, r, "")?;
+                    let v = self.gen(a, Ix { lin, rc: None })?.into_float_value();
+                    result = Some(match result {
+                        None => v,
+                        Some(prev) => self.b.build_select(inside, v, prev, "")?.into_float_value(),
+                    });
+                    start += len;
+                }
+                result.expect("concat has arguments").into()
+            }
             ExprOp::RowSum => self.stats[&e][0].into(),
             op => {
                 let mut args = Vec::with_capacity(expr.args.len());
@@ -605,7 +648,12 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let z = self.exp_named(self.b.build_float_sub(f(0), s[0], "")?, "exp")?;
                 self.b.build_float_div(z, s[1], "")?
             }
-            ExprOp::Load { .. } | ExprOp::Scalar { .. } | ExprOp::View | ExprOp::RowSum => {
+            ExprOp::Load { .. }
+            | ExprOp::Scalar { .. }
+            | ExprOp::View
+            | ExprOp::Strided { .. }
+            | ExprOp::Concat { .. }
+            | ExprOp::RowSum => {
                 unreachable!("handled by gen")
             }
         };

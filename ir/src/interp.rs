@@ -88,6 +88,53 @@ pub struct Env {
     pub pinned: HashMap<ValueId, Value>,
 }
 
+/// Seeded random values for every parameter and input of a training step, for kernel and backend tests: weights
+/// uniform in ±0.1 (norm weights 1), optimizer states 0, the learning rate 1e-3, step 1, position ids `0..T` per
+/// row, segment ids 0, other integer inputs (token ids, labels) below 128, other float inputs uniform in ±1.
+pub fn random_env(g: &crate::Graph, seed: u64) -> Env {
+    use crate::{DType, Op, Role};
+    let mut env = Env::default();
+    let rand = |shape: &[usize], s: u64, scale: f64| {
+        let n: usize = shape.iter().product();
+        Tensor::new(
+            shape.to_vec(),
+            (0..n).map(|i| scale * (2.0 * crate::rng::uniform(s, 7, i as u64) as f64 - 1.0)).collect(),
+        )
+    };
+    for (i, n) in g.nodes.iter().enumerate() {
+        let s = seed * 10_000 + i as u64;
+        match &n.op {
+            Op::Param { name, role, .. } => {
+                let v = match role {
+                    Role::State => Tensor::zeros(&n.ty.shape),
+                    _ if name.contains("norm") => Tensor::new(n.ty.shape.clone(), vec![1.0; n.ty.numel()]),
+                    _ => rand(&n.ty.shape, s, 0.1),
+                };
+                env.params.insert(name.clone(), Value::F(v));
+            }
+            Op::Input { name } => {
+                let v = match (name.as_str(), n.ty.dtype) {
+                    ("lr", _) => Value::F(Tensor::scalar(1e-3)),
+                    ("opt_step", _) | ("step", _) => Value::ints(vec![], vec![1]),
+                    ("position_ids", _) => {
+                        let t = n.ty.shape[1];
+                        Value::ints(n.ty.shape.clone(), (0..n.ty.numel()).map(|k| (k % t) as i32).collect())
+                    }
+                    ("segment_ids", _) => Value::ints(n.ty.shape.clone(), vec![0; n.ty.numel()]),
+                    (_, DType::I32) => Value::ints(
+                        n.ty.shape.clone(),
+                        (0..n.ty.numel()).map(|k| ((k * 37 + 11) % 128) as i32).collect(),
+                    ),
+                    _ => Value::F(rand(&n.ty.shape, s, 1.0)),
+                };
+                env.inputs.insert(name.clone(), v);
+            }
+            _ => {}
+        }
+    }
+    env
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{at} ({op}): {message}")]
 pub struct InterpError {

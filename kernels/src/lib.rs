@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod loops;
 pub mod nn;
 mod nvptx;
+pub mod template;
 
 pub use axpy::{emit_axpy_kernel, AXPY_KERNEL_NAME};
 pub use error::KernelError;

@@ -88,6 +88,19 @@ pub enum ExprOp {
     View,
     /// The argument broadcast (numpy rules) to this shape.
     Broadcast,
+    /// The argument read at a strided position (slice, transpose, the permuted view a reduction reads): for this
+    /// expression's linear index, axes from the last, `(extent, stride)`; the argument's linear index is
+    /// `offset + Σ coord·stride`.
+    Strided {
+        axes: Vec<(usize, usize)>,
+        offset: usize,
+    },
+    /// Concatenation along an axis: this expression's index is `(outer, c, inner)` with `c < Σ lens`; argument `j`
+    /// holds `c` in `[Σ lens[..j], Σ lens[..=j])`, read at `(outer, c - start, inner)`.
+    Concat {
+        lens: Vec<usize>,
+        inner: usize,
+    },
     Add,
     Sub,
     Mul,
@@ -245,16 +258,70 @@ fn expr_op(op: &Op, g: &Graph, inputs: &[ValueId]) -> Result<ExprOp, LoopError> 
         Op::RmsNorm { eps } => ExprOp::RmsNorm { eps: *eps },
         Op::RmsNormBwdX { eps } => ExprOp::RmsNormBwdX { eps: *eps },
         Op::Softmax {} => ExprOp::Softmax,
-        Op::Sum { axes, .. } => {
-            let rank = g.ty(inputs[0]).shape.len();
-            if rank == 0 || axes.as_slice() != [rank - 1] {
-                return Err(LoopError::Unsupported(format!("sum over axes {axes:?} (only the last axis)")));
+        Op::Sum { .. } | Op::SumTo { .. } => ExprOp::RowSum,
+        Op::Slice { axis, start, end } => {
+            let src = &g.ty(inputs[0]).shape;
+            let strides = row_major_strides(src);
+            let mut out = src.clone();
+            out[*axis] = end - start;
+            strided(&out, &strides, start * strides[*axis])
+        }
+        Op::Transpose { perm } => {
+            let src = &g.ty(inputs[0]).shape;
+            let strides = row_major_strides(src);
+            let out: Vec<usize> = perm.iter().map(|&p| src[p]).collect();
+            let perm_strides: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
+            strided(&out, &perm_strides, 0)
+        }
+        Op::Concat { axis } => {
+            let out = &g.ty(inputs[0]).shape;
+            ExprOp::Concat {
+                lens: inputs.iter().map(|&v| g.ty(v).shape[*axis]).collect(),
+                inner: out[axis + 1..].iter().product(),
             }
-            ExprOp::RowSum
         }
         Op::Cast { to } => return Err(LoopError::Unsupported(format!("cast to {to}"))),
         other => return Err(LoopError::Unsupported(other.mnemonic().to_string())),
     })
+}
+
+/// Row-major strides of `shape`, in elements.
+pub fn row_major_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for k in (0..shape.len().saturating_sub(1)).rev() {
+        strides[k] = strides[k + 1] * shape[k + 1];
+    }
+    strides
+}
+
+/// A strided read of an argument for an expression of shape `out`, `strides[k]` being the argument's stride along
+/// output axis `k`.
+fn strided(out: &[usize], strides: &[usize], offset: usize) -> ExprOp {
+    ExprOp::Strided { axes: out.iter().zip(strides).rev().map(|(&e, &s)| (e, s)).collect(), offset }
+}
+
+/// For a reduction of `src` down to the axes not in `reduced`: the shape `[kept, reduced]` (as two flat extents)
+/// and the strided read of `src` that lists every kept index's reduced elements contiguously (`None` when the
+/// reduced axes already are the trailing ones, so a plain view does).
+fn reduction_view(src: &[usize], reduced: &[usize]) -> (usize, usize, Option<ExprOp>) {
+    let kept: Vec<usize> = (0..src.len()).filter(|k| !reduced.contains(k)).collect();
+    let rows: usize = kept.iter().map(|&k| src[k]).product();
+    let cols: usize = reduced.iter().map(|&k| src[k]).product();
+    let trailing = reduced.iter().enumerate().all(|(i, &k)| k == src.len() - reduced.len() + i);
+    if trailing {
+        return (rows, cols, None);
+    }
+    let strides = row_major_strides(src);
+    let order: Vec<usize> = kept.iter().chain(reduced).copied().collect();
+    let out: Vec<usize> = order.iter().map(|&k| src[k]).collect();
+    let st: Vec<usize> = order.iter().map(|&k| strides[k]).collect();
+    (rows, cols, Some(strided(&out, &st, 0)))
+}
+
+/// The axes of `src` that a `sum_to` to `target` (numpy broadcasting in reverse) sums over.
+fn sum_to_axes(src: &[usize], target: &[usize]) -> Vec<usize> {
+    let pad = src.len() - target.len();
+    (0..src.len()).filter(|&k| k < pad || (target[k - pad] == 1 && src[k] != 1)).collect()
 }
 
 fn build(g: &Graph, kernel: &Kernel) -> Result<LoopNest, LoopError> {
@@ -301,7 +368,21 @@ fn build(g: &Graph, kernel: &Kernel) -> Result<LoopNest, LoopError> {
             return Err(LoopError::Unsupported(format!("{} producing {}", node.op.mnemonic(), node.ty.dtype)));
         }
         let op = expr_op(&node.op, g, &node.inputs)?;
-        let args = node.inputs.iter().map(|v| expr_of[v]).collect();
+        let mut args: Vec<ExprId> = node.inputs.iter().map(|v| expr_of[v]).collect();
+        let reduced = match &node.op {
+            Op::Sum { axes, .. } => Some(axes.to_vec()),
+            Op::SumTo { shape } => Some(sum_to_axes(&g.ty(node.inputs[0]).shape, shape)),
+            _ => None,
+        };
+        if let Some(mut reduced) = reduced {
+            // A reduction is a row sum over `[kept, reduced]`, read through a view of its input.
+            reduced.sort_unstable();
+            reduced.dedup();
+            let (rows, cols, view) = reduction_view(&g.ty(node.inputs[0]).shape, &reduced);
+            let shape = vec![rows, cols.max(1)];
+            exprs.push(Expr { op: view.unwrap_or(ExprOp::View), args: vec![args[0]], shape });
+            args[0] = exprs.len() - 1;
+        }
         expr_of.insert(m, exprs.len());
         exprs.push(Expr { op, args, shape: node.ty.shape.clone() });
     }

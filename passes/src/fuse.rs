@@ -35,8 +35,22 @@
 use crate::Pass;
 use ir::{Graph, Kernel, Op, ValueId};
 
-/// The fusion pass (see the module docs for the policy).
+/// The fusion pass: the policy (see the module docs), then [`split_uncovered`] so that every kernel has a template.
 pub struct Fuse;
+
+/// The fusion policy alone, without splitting groups no template covers (for testing the policy).
+pub struct FusePolicy;
+
+impl Pass for FusePolicy {
+    fn name(&self) -> &'static str {
+        "fuse-policy"
+    }
+    fn run(&self, g: &mut Graph) -> Result<String, String> {
+        g.kernels = partition(g);
+        check_partition(g)?;
+        Ok(summary(g))
+    }
+}
 
 impl Pass for Fuse {
     fn name(&self) -> &'static str {
@@ -44,11 +58,16 @@ impl Pass for Fuse {
     }
     fn run(&self, g: &mut Graph) -> Result<String, String> {
         g.kernels = partition(g);
+        let split = split_uncovered(g);
         check_partition(g)?;
-        let nodes: usize = g.kernels.iter().map(|k| k.nodes.len()).sum();
-        let fused = nodes - g.kernels.len();
-        Ok(format!("{} kernels for {nodes} nodes; {fused} nodes fused into another op's kernel", g.kernels.len()))
+        Ok(format!("{}; {split} groups split (no template covers them)", summary(g)))
     }
+}
+
+fn summary(g: &Graph) -> String {
+    let nodes: usize = g.kernels.iter().map(|k| k.nodes.len()).sum();
+    let fused = nodes - g.kernels.len();
+    format!("{} kernels for {nodes} nodes; {fused} nodes fused into another op's kernel", g.kernels.len())
 }
 
 /// How fusion treats an op.
@@ -315,6 +334,87 @@ pub fn partition(g: &Graph) -> Vec<Kernel> {
         .collect();
     kernels.sort_by_key(|k| k.nodes[0]);
     kernels
+}
+
+/// Splits every group no kernel template covers (`kernels::template`) into groups that are covered: the anchor with
+/// its aliasing views; the rest of the group before it (what feeds the anchor) and after it, each as one loop nest
+/// when a template covers that, else one kernel per node (aliasing views staying with the node they view). Splitting
+/// a convex group keeps the kernel graph acyclic: a path between two pieces through another kernel would have been
+/// a path out of and back into the group. Returns how many groups were split.
+pub fn split_uncovered(g: &mut Graph) -> usize {
+    use kernels::template::{is_alias_view, Template};
+    let mut out: Vec<Kernel> = Vec::with_capacity(g.kernels.len());
+    let mut split = 0;
+    for k in std::mem::take(&mut g.kernels) {
+        if Template::covers(g, &k) {
+            out.push(k);
+            continue;
+        }
+        split += 1;
+        let member = |v: ValueId| k.nodes.binary_search(&v).is_ok();
+        // Each node's "owner": the node an aliasing view (transitively) views inside the group, else itself.
+        let owner = |mut v: ValueId| {
+            while is_alias_view(&g.node(v).op) && member(g.node(v).inputs[0]) {
+                v = g.node(v).inputs[0];
+            }
+            v
+        };
+        let anchor = k.nodes.iter().copied().find(|&v| fusion_class(&g.node(v).op) == FusionClass::Anchor);
+        let mut pieces: Vec<Vec<ValueId>> = vec![];
+        let singles = |nodes: &[ValueId], pieces: &mut Vec<Vec<ValueId>>| {
+            let owners: Vec<ValueId> = nodes.iter().copied().filter(|&v| owner(v) == v).collect();
+            for o in owners {
+                pieces.push(nodes.iter().copied().filter(|&v| owner(v) == o).collect());
+            }
+        };
+        match anchor {
+            Some(a) => {
+                // Members the anchor depends on (within the group).
+                let mut feeds = vec![false; g.nodes.len()];
+                feeds[a.index()] = true;
+                for &v in k.nodes.iter().rev() {
+                    if feeds[v.index()] {
+                        for &i in &g.node(v).inputs {
+                            if member(i) {
+                                feeds[i.index()] = true;
+                            }
+                        }
+                    }
+                }
+                let head: Vec<ValueId> = k.nodes.iter().copied().filter(|&v| owner(v) == a).collect();
+                let rest = |pre: bool| -> Vec<ValueId> {
+                    k.nodes.iter().copied().filter(|&v| owner(v) != a && feeds[owner(v).index()] == pre).collect()
+                };
+                for part in [rest(true), head, rest(false)] {
+                    if part.is_empty() {
+                        continue;
+                    }
+                    let whole = Kernel { name: String::new(), nodes: part.clone() };
+                    if Template::covers(g, &whole) {
+                        pieces.push(part);
+                    } else {
+                        singles(&part, &mut pieces);
+                    }
+                }
+            }
+            None => singles(&k.nodes, &mut pieces),
+        }
+        for nodes in pieces {
+            let name = if nodes.contains(&anchor.unwrap_or(ValueId(u32::MAX))) {
+                k.name.clone()
+            } else {
+                let first = nodes.iter().copied().find(|&v| owner(v) == v).unwrap_or(nodes[0]);
+                match nodes.iter().filter(|&&v| owner(v) == v).count() {
+                    1 => kernel_name(g.node(first).op.mnemonic(), g.node(first).label.as_deref()),
+                    _ => kernel_name("elementwise", nodes.iter().find_map(|&v| g.node(v).label.as_deref())),
+                }
+            };
+            out.push(Kernel { name, nodes });
+        }
+    }
+    out.sort_by_key(|k| k.nodes[0]);
+    g.kernels = out;
+    split
 }
 
 fn kernel_name(what: &str, label: Option<&str>) -> String {

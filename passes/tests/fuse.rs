@@ -7,7 +7,7 @@ use ir::interp::{Env, Precision, Tensor, Value};
 use ir::{Builder, Graph, Init, Op, OutputKind, Role, Type, ValueId};
 use passes::adamw::AdamW;
 use passes::autodiff::{differentiate, Wrt};
-use passes::fuse::Fuse;
+use passes::fuse::{Fuse, FusePolicy};
 use passes::schedule::Schedule;
 use passes::Pass;
 
@@ -100,7 +100,7 @@ fn scale_joins_its_matmul_and_constants_stay_out() {
     let m = b.mul(s, c).unwrap();
     b.output(OutputKind::Metric("m".into()), m);
     let mut g = b.finish();
-    let summary = run_pass(&Fuse, &mut g);
+    let summary = run_pass(&FusePolicy, &mut g);
     assert_eq!(g.kernels.len(), 1, "{}", ir::text::print(&g));
     assert_eq!(g.kernels[0].name, "matmul:proj");
     assert_eq!(g.kernels[0].nodes, vec![y, s, m], "the constant {c} is an input, not a member");
@@ -121,7 +121,7 @@ fn an_op_that_is_not_its_producers_first_reader_stays_apart() {
     b.output(OutputKind::Metric("t".into()), t);
     b.output(OutputKind::Metric("n".into()), n);
     let mut g = b.finish();
-    run_pass(&Fuse, &mut g);
+    run_pass(&FusePolicy, &mut g);
     assert_eq!(kernel_nodes(&g, n), &[n]);
     assert!(g.kernels.iter().any(|k| k.name == "elementwise:late" && k.nodes == vec![n]));
     assert_eq!(kernel_nodes(&g, y), &[y]);
@@ -143,7 +143,7 @@ fn a_merge_that_would_close_a_cycle_is_refused() {
     let y = b.add(p, t2).unwrap();
     b.output(OutputKind::Metric("y".into()), y);
     let mut g = b.finish();
-    run_pass(&Fuse, &mut g);
+    run_pass(&FusePolicy, &mut g);
     assert_eq!(kernel_nodes(&g, p), &[p, s]);
     assert_eq!(kernel_nodes(&g, t2), &[t2, y]);
     assert_kernel_graph_acyclic(&g);
@@ -161,7 +161,7 @@ fn an_elementwise_chain_becomes_its_readers_prologue() {
     let y = b.matmul(u, w, false, false).unwrap();
     b.output(OutputKind::Metric("y".into()), y);
     let mut g = b.finish();
-    run_pass(&Fuse, &mut g);
+    run_pass(&FusePolicy, &mut g);
     assert_eq!(g.kernels.len(), 1);
     assert_eq!(g.kernels[0].name, "matmul:mm");
     assert_eq!(g.kernels[0].nodes, vec![n, u, y]);
@@ -175,9 +175,9 @@ fn fuse_replaces_existing_kernels() {
     let z = b.sqrt(y).unwrap();
     b.output(OutputKind::Metric("z".into()), z);
     let mut g = b.finish();
-    run_pass(&Fuse, &mut g);
+    run_pass(&FusePolicy, &mut g);
     let once = g.clone();
-    run_pass(&Fuse, &mut g);
+    run_pass(&FusePolicy, &mut g);
     assert_eq!(g, once);
     assert_eq!(g.kernels.len(), 1);
     assert_eq!(g.kernels[0].nodes, vec![y, z]);
@@ -319,7 +319,7 @@ fn projection(g: &Graph, name: &str) -> ValueId {
 #[test]
 fn mini_block_kernels_follow_the_policy() {
     let mut g = mini_block();
-    let summary = run_pass(&Fuse, &mut g);
+    let summary = run_pass(&FusePolicy, &mut g);
     kernel_of(&g);
     assert_kernel_graph_acyclic(&g);
     let l = "model.layers.0";
@@ -389,6 +389,28 @@ fn mini_block_kernels_follow_the_policy() {
 }
 
 #[test]
+fn fuse_splits_the_groups_no_template_covers() {
+    let mut g = mini_block();
+    let env = mini_env(&g);
+    let before = output_bits(&g, &env, Precision::F32);
+    run_pass(&FusePolicy, &mut g);
+    let policy = g.kernels.clone();
+    let summary = run_pass(&Fuse, &mut g);
+    assert!(summary.contains("groups split"), "{summary}");
+    assert!(g.kernels.len() > policy.len(), "the mini block has GEMMs with epilogues no template takes yet");
+    for k in &g.kernels {
+        assert!(kernels::template::Template::covers(&g, k), "kernel `{}` has no template", k.name);
+        assert!(
+            policy.iter().any(|p| k.nodes.iter().all(|v| p.nodes.contains(v))),
+            "kernel `{}` is a piece of one policy group",
+            k.name
+        );
+    }
+    assert_kernel_graph_acyclic(&g);
+    assert_eq!(output_bits(&g, &env, Precision::F32), before);
+}
+
+#[test]
 fn mini_block_after_fuse_and_schedule() {
     let mut g = mini_block();
     let env = mini_env(&g);
@@ -396,7 +418,7 @@ fn mini_block_after_fuse_and_schedule() {
     let before32 = output_bits(&g, &env, Precision::F32);
     let nodes = non_leaf(&g);
 
-    let fuse_summary = run_pass(&Fuse, &mut g);
+    let fuse_summary = run_pass(&FusePolicy, &mut g);
     insta::assert_snapshot!("mini_block_after_fuse", ir::text::print(&g));
     let kernels = g.kernels.len();
     let schedule_summary = run_pass(&Schedule, &mut g);
