@@ -22,6 +22,16 @@ fn main() {
             }
         }
         println!("{path}: {missing}/{} kernels without a template", g.kernels.len());
+        let mut kinds: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for k in &g.kernels {
+            if let Ok(t) = Template::of(&g, k) {
+                let kind = k.name.split(':').next().unwrap_or("").to_string();
+                kinds.entry(kind).or_default().insert(t.key());
+            }
+        }
+        for (kind, keys) in &kinds {
+            println!("  distinct {kind}: {}", keys.len());
+        }
         for (r, (n, ex)) in reasons {
             println!("  {n:5}  {r}   (e.g. {ex})");
         }

@@ -56,6 +56,10 @@ fn main() {
                 });
             }
             let _ = writeln!(meta, "inputs {n_inputs}");
+            if !t.seeds().is_empty() {
+                let s: Vec<String> = t.seeds().iter().map(u64::to_string).collect();
+                let _ = writeln!(meta, "seeds {}", s.join(" "));
+            }
             for (b, (elem, data)) in bufs.iter().enumerate() {
                 let width = if *elem == "u8" { 1 } else { 4 };
                 let _ = writeln!(meta, "buffer {b} {elem} {}", data.len() / width);

@@ -34,6 +34,8 @@ pub struct KernelBuild {
     /// Buffer arguments in ABI order, and the GPU launch (empty / `None` without code).
     pub args: Vec<ir::plan::KernelArg>,
     pub launch: Option<ir::plan::KernelLaunch>,
+    /// Run-time constants passed after the buffers (see `ir::plan::KernelCode::seeds`).
+    pub seeds: Vec<u64>,
 }
 
 /// What codegen produced for a graph.
@@ -61,11 +63,13 @@ pub struct BuildOptions {
     pub ptxas: bool,
     /// Link a host shared library (needs a C compiler driver, `cc`).
     pub host: bool,
+    /// Keep each distinct kernel's (host) LLVM IR as text in [`KernelBuild::llvm_ir`].
+    pub llvm_ir: bool,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        BuildOptions { archs: vec![80, 90], ptxas: true, host: true }
+        BuildOptions { archs: vec![80, 90], ptxas: true, host: true, llvm_ir: true }
     }
 }
 
@@ -194,16 +198,20 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
     }
     out.distinct = distinct.len();
 
-    // PTX: one module per architecture with every distinct kernel, assembled by ptxas once per architecture; and
-    // the host module. Each runs on its own thread with its own LLVM context.
+    // PTX: one module with every distinct kernel, optimized once, then code-generated per architecture in parallel
+    // (and assembled by ptxas when asked); the host module meanwhile on its own thread. Each thread has its own
+    // LLVM context.
     type PtxOut = Result<(u32, String, Vec<Option<KernelResources>>), CodegenError>;
-    let ptx_for = |sm: u32| -> PtxOut {
+    let optimized_ptx_ir = || -> Result<Vec<u8>, CodegenError> {
         let ctx = Context::create();
         let module = ctx.create_module("tunec_kernels");
         for t in &distinct {
             t.emit_ptx(&ctx, &module)?;
         }
-        let ptx = crate::ptx::emit_ptx(&module, sm)?;
+        crate::ptx::optimize_for_nvptx(&module, opts.archs.iter().copied().min().unwrap_or(crate::ptx::MIN_SM))
+    };
+    let ptx_for = |bitcode: &[u8], sm: u32| -> PtxOut {
+        let ptx = crate::ptx::ptx_from_bitcode(bitcode, sm)?;
         let mut res = vec![None; distinct.len()];
         if opts.ptxas {
             let report = ptxas::assemble(&ptx, sm)?;
@@ -218,7 +226,8 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
         let module = ctx.create_module("tunec_host");
         let mut llvm = vec![];
         for t in &distinct {
-            llvm.push(t.emit_host(&ctx, &module)?.print_to_string().to_string());
+            let f = t.emit_host(&ctx, &module)?;
+            llvm.push(if opts.llvm_ir { f.print_to_string().to_string() } else { String::new() });
         }
         optimize_host(&module)?;
         let machine = host_target_machine()?;
@@ -231,9 +240,25 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
     let mut llvm_of: Vec<String> = vec![String::new(); distinct.len()];
     if !distinct.is_empty() {
         let (ptx_results, host_result) = std::thread::scope(|scope| {
-            let ptx_jobs: Vec<_> = opts.archs.iter().map(|&sm| scope.spawn(move || ptx_for(sm))).collect();
             let host_job = opts.host.then(|| scope.spawn(host_for));
-            let ptx: Vec<PtxOut> = ptx_jobs.into_iter().map(|j| j.join().expect("PTX thread")).collect();
+            let ptx: Vec<PtxOut> = if opts.archs.is_empty() {
+                vec![]
+            } else {
+                match optimized_ptx_ir() {
+                    Err(e) => vec![Err(e)],
+                    Ok(bitcode) => {
+                        let jobs: Vec<_> = opts
+                            .archs
+                            .iter()
+                            .map(|&sm| {
+                                let bitcode = bitcode.clone();
+                                scope.spawn(move || ptx_for(&bitcode, sm))
+                            })
+                            .collect();
+                        jobs.into_iter().map(|j| j.join().expect("PTX thread")).collect()
+                    }
+                }
+            };
             (ptx, host_job.map(|j| j.join().expect("host thread")))
         });
         for r in ptx_results {
@@ -263,6 +288,7 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
                     llvm_ir: llvm_of[*i].clone(),
                     args,
                     launch: Some(launch),
+                    seeds: t.seeds().to_vec(),
                 }
             }
             _ => KernelBuild { name: k.name.clone(), ..KernelBuild::default() },

@@ -124,13 +124,18 @@ struct Gen<'a, 'ctx> {
     stats: HashMap<ExprId, Vec<FloatValue<'ctx>>>,
     /// Per-kernel values computed once at entry (AdamW's bias corrections).
     hoisted: HashMap<ExprId, Vec<FloatValue<'ctx>>>,
+    /// The seeds argument (a `u64` array) and each slot's mixed seed, loaded at entry.
+    seeds_ptr: Option<PointerValue<'ctx>>,
+    seeds: Vec<IntValue<'ctx>>,
     /// NVPTX: 32 f32 of shared memory for the warps' partial sums.
     scratch: Option<GlobalValue<'ctx>>,
 }
 
 fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, nest: &LoopNest, flavor: Flavor) -> Kr<FunctionValue<'ctx>> {
     let name = nest.symbol();
-    let (func, b, bufs) = kernel_fn(ctx, module, &name, nest.buffers.len(), flavor)?;
+    let (func, b, mut bufs) =
+        kernel_fn(ctx, module, &name, nest.buffers.len() + usize::from(!nest.seeds.is_empty()), flavor)?;
+    let seeds_ptr = if nest.seeds.is_empty() { None } else { bufs.pop() };
     if flavor == Flavor::Host {
         func.get_nth_param(0).expect("args param").set_name("args");
     }
@@ -155,6 +160,8 @@ fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, nest: &LoopNest, flavor
         memo: HashMap::new(),
         stats: HashMap::new(),
         hoisted: HashMap::new(),
+        seeds_ptr,
+        seeds: vec![],
         scratch,
     };
     gen.hoist()?;
@@ -427,8 +434,18 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         })
     }
 
-    /// Computes AdamW's per-step factors once, at kernel entry.
+    /// Computes AdamW's per-step factors and loads the dropout seeds once, at kernel entry.
     fn hoist(&mut self) -> Kr<()> {
+        if let Some(ptr) = self.seeds_ptr {
+            let i64t = self.ctx.i64_type();
+            for slot in 0..self.nest.seeds.len() {
+                // SAFETY: the seeds argument holds `nest.seeds.len()` u64s (the ABI).
+                let p = unsafe { self.b.build_in_bounds_gep(i64t, ptr, &[self.i64c(slot as u64)], "")? };
+                let seed = self.b.build_load(i64t, p, "seed")?.into_int_value();
+                let mixed = self.mix64(self.b.build_xor(seed, self.i64c(0x9e37_79b9_7f4a_7c15), "")?)?;
+                self.seeds.push(mixed);
+            }
+        }
         let zero = Ix { lin: self.i64c(0), rc: None };
         let nest = self.nest;
         for e in 0..nest.exprs.len() {
@@ -607,7 +624,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let x = b.build_float_ext(f(0), self.ctx.f64_type(), "")?;
                 b.build_float_trunc(b.build_float_mul(self.f64c(*c), x, "")?, self.ctx.f32_type(), "")?
             }
-            ExprOp::Dropout { p, seed } => self.dropout(f(0), args[1].into_int_value(), ix.lin, *p, *seed)?,
+            ExprOp::Dropout { p, slot } => {
+                let seed_mix = self.seeds[*slot];
+                self.dropout(f(0), args[1].into_int_value(), ix.lin, *p, seed_mix)?
+            }
             ExprOp::AdamWMoment { beta, square } => {
                 let f64t = self.ctx.f64_type();
                 let m = b.build_float_ext(f(0), f64t, "")?;
@@ -702,10 +722,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         step: IntValue<'ctx>,
         index: IntValue<'ctx>,
         p: f64,
-        seed: u64,
+        seed_mix: IntValue<'ctx>,
     ) -> Kr<FloatValue<'ctx>> {
         let (b, f64t) = (&self.b, self.ctx.f64_type());
-        let seed_mix = self.i64c(ir::rng::mix64(seed ^ 0x9e37_79b9_7f4a_7c15));
         let step = self.mix64(b.build_int_s_extend(step, self.ctx.i64_type(), "")?)?;
         let idx = b.build_int_mul(index, self.i64c(0xd6e8_feb8_6659_fd93), "")?;
         let h = self.mix64(b.build_int_add(b.build_int_add(seed_mix, step, "")?, idx, "")?)?;

@@ -552,8 +552,121 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         Ok(())
     }
 
+    /// `buf[base + d] = f(buf[base + d], d)` for `d < n`, as a loop (vectorizable on the host).
+    fn row_update(
+        &mut self,
+        buf: usize,
+        base: Iv<'ctx>,
+        n: usize,
+        f: &dyn Fn(&mut Self, Fv<'ctx>, Iv<'ctx>) -> Kr<Fv<'ctx>>,
+    ) -> Kr<()> {
+        self.for_loop("row", self.i64c(0), self.i64c(n as u64), self.i64c(1), &[], &mut |g, d, _| {
+            let idx = g.iadd(base, d)?;
+            let old = g.ldf(buf, idx)?;
+            let new = f(g, old, d)?;
+            g.stf(buf, idx, new)?;
+            Ok(vec![])
+        })?;
+        Ok(())
+    }
+
+    /// The host's version of [`Self::attn_row`]: the same arithmetic in the same order, with the head vectors read
+    /// from memory and accumulated in the output row by loops over the head dimension (not unrolled into registers,
+    /// which would make LLVM spend seconds on each kernel for 128-wide heads).
+    fn attn_row_host(&mut self, a: Attn, bi: Iv<'ctx>, hi: Iv<'ctx>, i: Iv<'ctx>) -> Kr<()> {
+        let (dout_b, q_b, k_b, v_b, seg_b, out_b) = match a.grad {
+            None => (usize::MAX, 0, 1, 2, 3, 4),
+            Some(_) => (0, 1, 2, 3, 4, 5),
+        };
+        let hd = a.hd as u64;
+        let n = a.hd;
+        let rep = a.h / a.kv;
+        let bt_i = self.iadd(self.imulc(bi, a.t)?, i)?;
+        let qbase = self.imulc(self.iadd(self.imulc(bt_i, a.h)?, hi)?, hd)?;
+        let kvh = self.udivc(hi, rep)?;
+        let seg_i = self.ldi(seg_b, bt_i)?;
+        let end = if a.causal { self.iadd(i, self.i64c(1))? } else { self.i64c(a.t) };
+        let scale = self.f32c(a.scale);
+        let zero = self.f32c(0.0);
+        let need_dp = matches!(a.grad, Some(AttnArg::Q | AttnArg::K));
+        let key = |g: &mut Self, j: Iv<'ctx>| -> Kr<(Iv<'ctx>, Iv<'ctx>)> {
+            let bt_j = g.iadd(g.imulc(bi, a.t)?, j)?;
+            let seg_j = g.ldi(seg_b, bt_j)?;
+            let visible = g.b.build_int_compare(IntPredicate::EQ, seg_j, seg_i, "")?;
+            let kbase = g.imulc(g.iadd(g.imulc(bt_j, a.kv)?, kvh)?, hd)?;
+            Ok((visible, kbase))
+        };
+        if matches!(a.grad, None | Some(AttnArg::Q)) {
+            self.row_update(out_b, qbase, n, &|g, _, _| Ok(g.f32c(0.0)))?;
+        }
+
+        // Pass 1: running max m, sum l, and (forward) Σ p·v in the output row, or (dq, dk) Σ p·dp.
+        let mut init: Vals = vec![self.f32c(f64::NEG_INFINITY).into(), zero.into()];
+        if need_dp {
+            init.push(zero.into());
+        }
+        let stats = self.for_loop("key", self.i64c(0), end, self.i64c(1), &init, &mut |g, j, cur| {
+            let (visible, kbase) = key(g, j)?;
+            g.if_else(visible, cur, &mut |g| {
+                let qk = g.dot_serial(q_b, qbase, k_b, kbase, n)?;
+                let s = g.mul(scale, qk)?;
+                let (m, l) = (cur[0].into_float_value(), cur[1].into_float_value());
+                let m_new = g.fmax(m, s)?;
+                let alpha = g.exp(g.sub(m, m_new)?)?;
+                let p = g.exp(g.sub(s, m_new)?)?;
+                let mut next: Vals = vec![m_new.into(), g.add(g.mul(l, alpha)?, p)?.into()];
+                if a.grad.is_none() {
+                    g.row_update(out_b, qbase, n, &|g, acc, d| {
+                        let v = g.ldf(v_b, g.iadd(kbase, d)?)?;
+                        g.add(g.mul(acc, alpha)?, g.mul(p, v)?)
+                    })?;
+                } else if need_dp {
+                    let dp = g.dot_serial(dout_b, qbase, v_b, kbase, n)?;
+                    next.push(g.add(g.mul(cur[2].into_float_value(), alpha)?, g.mul(p, dp)?)?.into());
+                }
+                Ok(next)
+            })
+        })?;
+        let (m, l) = (stats[0].into_float_value(), stats[1].into_float_value());
+        if a.grad.is_none() {
+            return self.row_update(out_b, qbase, n, &|g, acc, _| g.div(acc, l));
+        }
+        let dsum = if need_dp { self.div(stats[2].into_float_value(), l)? } else { zero };
+
+        // Pass 2: p = exp(s − m)/l, ds = p·(dp − D); dq accumulates in its row, dk/dv in the kv rows.
+        self.for_loop("key2", self.i64c(0), end, self.i64c(1), &[], &mut |g, j, _| {
+            let (visible, kbase) = key(g, j)?;
+            g.if_then(visible, &mut |g| {
+                let qk = g.dot_serial(q_b, qbase, k_b, kbase, n)?;
+                let s = g.mul(scale, qk)?;
+                let p = g.div(g.exp(g.sub(s, m)?)?, l)?;
+                if a.grad == Some(AttnArg::V) {
+                    return g.row_update(out_b, kbase, n, &|g, acc, d| {
+                        let x = g.ldf(dout_b, g.iadd(qbase, d)?)?;
+                        g.add(acc, g.mul(p, x)?)
+                    });
+                }
+                let dp = g.dot_serial(dout_b, qbase, v_b, kbase, n)?;
+                let sds = g.mul(scale, g.mul(p, g.sub(dp, dsum)?)?)?;
+                let (dst, src, other) = match a.grad {
+                    Some(AttnArg::K) => (kbase, q_b, qbase),
+                    _ => (qbase, k_b, kbase),
+                };
+                g.row_update(out_b, dst, n, &|g, acc, d| {
+                    let x = g.ldf(src, g.iadd(other, d)?)?;
+                    g.add(acc, g.mul(sds, x)?)
+                })
+            })?;
+            Ok(vec![])
+        })?;
+        Ok(())
+    }
+
     /// One query row (batch `bi`, head `hi`, position `i`) of attention or of one of its gradients.
     fn attn_row(&mut self, a: Attn, bi: Iv<'ctx>, hi: Iv<'ctx>, i: Iv<'ctx>) -> Kr<()> {
+        if self.flavor == Flavor::Host {
+            return self.attn_row_host(a, bi, hi, i);
+        }
         // Buffers: forward (q, k, v, seg, out); backward (dout, q, k, v, seg, out).
         let (dout_b, q_b, k_b, v_b, seg_b, out_b) = match a.grad {
             None => (usize::MAX, 0, 1, 2, 3, 4),

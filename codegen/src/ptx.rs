@@ -63,6 +63,37 @@ pub fn emit_ptx(module: &Module<'_>, sm: u32) -> Result<String, CodegenError> {
     module
         .run_passes("default<O3>", &machine, PassBuilderOptions::create())
         .map_err(|e| CodegenError::Llvm { stage: "optimize", message: e.to_string() })?;
+    emit_optimized_ptx(module, sm)
+}
+
+/// Optimizes `module` for NVPTX once (with `sm_<sm>`'s target machine) and returns it as bitcode, so that PTX for
+/// several architectures can be generated from it in parallel ([`ptx_from_bitcode`]) without optimizing it again.
+pub fn optimize_for_nvptx(module: &Module<'_>, sm: u32) -> Result<Vec<u8>, CodegenError> {
+    let machine = nvptx_target_machine(sm)?;
+    module.set_triple(&machine.get_triple());
+    module.set_data_layout(&machine.get_target_data().get_data_layout());
+    module.verify().map_err(|e| CodegenError::Llvm { stage: "verify", message: e.to_string() })?;
+    module
+        .run_passes("default<O3>", &machine, PassBuilderOptions::create())
+        .map_err(|e| CodegenError::Llvm { stage: "optimize", message: e.to_string() })?;
+    Ok(module.write_bitcode_to_memory().as_slice().to_vec())
+}
+
+/// PTX for `sm_<sm>` from a module [`optimize_for_nvptx`] produced (in a fresh context, so any thread can do it).
+pub fn ptx_from_bitcode(bitcode: &[u8], sm: u32) -> Result<String, CodegenError> {
+    let ctx = inkwell::context::Context::create();
+    let buf = inkwell::memory_buffer::MemoryBuffer::create_from_memory_range_copy(bitcode, "tunec_kernels");
+    let module = ctx
+        .create_module_from_ir(buf)
+        .map_err(|e| CodegenError::Llvm { stage: "read bitcode", message: e.to_string() })?;
+    emit_optimized_ptx(&module, sm)
+}
+
+/// Code generation only: PTX text of an already optimized module.
+fn emit_optimized_ptx(module: &Module<'_>, sm: u32) -> Result<String, CodegenError> {
+    let machine = nvptx_target_machine(sm)?;
+    module.set_triple(&machine.get_triple());
+    module.set_data_layout(&machine.get_target_data().get_data_layout());
     let buffer = machine
         .write_to_memory_buffer(module, FileType::Assembly)
         .map_err(|e| CodegenError::Llvm { stage: "emit PTX", message: e.to_string() })?;

@@ -46,3 +46,34 @@ fn the_tiny_qlora_step_builds_with_arguments_and_launches() {
     }
     assert!(nf4_parts > 0, "the QLoRA step passes NF4 weights as storage parts");
 }
+
+/// Every PTX kernel of the 7B QLoRA plan assembles with ptxas for sm_80 and sm_90, and ptxas reports its resources.
+#[test]
+fn every_kernel_of_the_7b_qlora_plan_assembles_with_ptxas() {
+    if !require_ptxas() {
+        return;
+    }
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let r = frontend::compile_file(&root.join("examples/llama2-7b.qlora.rs"), models::library()).expect("recipe");
+    let mut g = r.forward.clone();
+    PassManager::new(training_pipeline(&PipelineOptions::default())).run(&mut g).expect("pipeline");
+    let opts = BuildOptions { host: false, llvm_ir: false, ..BuildOptions::default() };
+    let b = build(&g, &opts).expect("build (ptxas ran inside)");
+    assert!(b.missing.is_empty(), "{:?}", b.missing);
+    assert_eq!(b.kernels.len(), g.kernels.len());
+    for kb in &b.kernels {
+        for sm in [80, 90] {
+            let res = kb
+                .resources
+                .get(&sm)
+                .unwrap_or_else(|| panic!("{} ({}): no ptxas report for sm_{sm}", kb.name, kb.symbol));
+            assert!(res.registers > 0 && res.registers <= 255, "{}: {res:?}", kb.symbol);
+        }
+        assert!(b.ptx[&80].contains(&format!(".entry {}", kb.symbol)), "{}", kb.symbol);
+    }
+    eprintln!(
+        "7B QLoRA: {} kernels, {} distinct, all assembled by ptxas for sm_80 and sm_90",
+        b.kernels.len(),
+        b.distinct
+    );
+}

@@ -35,14 +35,15 @@ fn check_recipe(recipe: &str) {
             t.rename(sym.clone());
             emit_host_template(&ctx, &module, &t).expect("emit host");
         }
-        kernels.push((k, format!("tunec_{sym}"), args, launch, t.n_outputs()));
+        let seeds = t.seeds().to_vec();
+        kernels.push((k, format!("tunec_{sym}"), args, launch, t.n_outputs(), seeds));
     }
     optimize_host(&module).expect("optimize");
     let engine = module.create_jit_execution_engine(OptimizationLevel::Aggressive).expect("JIT");
     type HostKernel = unsafe extern "C" fn(*const *mut u8, i32, i32);
 
     let mut checked = 0;
-    for (k, sym, args, launch, n_out) in kernels {
+    for (k, sym, args, launch, n_out, mut seeds) in kernels {
         // SAFETY: every template defines `void sym(ptr, i32, i32)`.
         let f = unsafe { engine.get_function::<HostKernel>(&sym) }.expect("symbol");
         let n_in = args.len() - n_out;
@@ -74,7 +75,10 @@ fn check_recipe(recipe: &str) {
                 w
             })
             .collect();
-        let ptrs: Vec<*mut u8> = aligned.iter_mut().map(|w| w.as_mut_ptr() as *mut u8).collect();
+        let mut ptrs: Vec<*mut u8> = aligned.iter_mut().map(|w| w.as_mut_ptr() as *mut u8).collect();
+        if !seeds.is_empty() {
+            ptrs.push(seeds.as_mut_ptr() as *mut u8);
+        }
         for tid in 0..2 {
             // SAFETY: one pointer per argument with the argument's size (the kernel ABI).
             unsafe { f.call(ptrs.as_ptr(), tid, 2) };

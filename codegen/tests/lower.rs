@@ -97,6 +97,10 @@ fn check_kernel(g: &Graph, k: &Kernel, vals: &[Value], exact: bool) {
         };
         ptrs.push(ptr);
     }
+    let mut seeds = nest.seeds.clone();
+    if !seeds.is_empty() {
+        ptrs.push(seeds.as_mut_ptr() as *mut u8);
+    }
     for tid in 0..2 {
         // SAFETY: one pointer per buffer, each with the buffer's element count (the kernel ABI).
         unsafe { kernel.call(ptrs.as_ptr(), tid, 2) };

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 pub const MAGIC: [u8; 8] = *b"TUNECPLN";
 /// The version of the payload's layout this tunec writes and reads. Bump it on any change to [`Payload`] or to the
 /// meaning of a field; older or newer plans are refused with [`PlanError::Version`].
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Magic + version + payload length + checksum.
 pub const HEADER_BYTES: usize = 8 + 4 + 8 + 4;
 /// The tunec release that writes plans (all crates share the workspace version).
@@ -138,6 +138,10 @@ pub struct KernelCode {
     pub args: Vec<KernelArg>,
     /// How to launch it on a GPU, and which arguments must hold zeros first (outputs the kernel accumulates into).
     pub launch: Option<KernelLaunch>,
+    /// Run-time constants of this instance (the dropout seeds of a loop nest), passed after the buffer arguments as
+    /// one more pointer, to `seeds.len()` u64s; no pointer when empty. Kernels that differ only in their seeds
+    /// (every layer's dropout) share one symbol.
+    pub seeds: Vec<u64>,
 }
 
 /// One buffer argument of a kernel.

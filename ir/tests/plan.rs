@@ -314,7 +314,7 @@ fn a_memory_plan_that_does_not_fit_the_graph_is_refused() {
 fn summary_names_what_is_in_the_plan() {
     let s = plan().summary();
     for want in [
-        "plan small for h100 (plan format 3",
+        "plan small for h100 (plan format 4",
         "5 nodes",
         "1 kernels",
         "frozen",

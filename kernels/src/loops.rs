@@ -121,10 +121,11 @@ pub enum ExprOp {
     Scale {
         c: f64,
     },
-    /// (x, step: i32 scalar); the mask is `ir::rng::dropout_keep(seed, step, index, p)`.
+    /// (x, step: i32 scalar); the mask is `ir::rng::dropout_keep(seed, step, index, p)` with `seed =
+    /// seeds[slot]`, read at run time so that every layer's dropout shares one kernel.
     Dropout {
         p: f64,
-        seed: u64,
+        slot: usize,
     },
     /// (m, g)
     AdamWMoment {
@@ -192,6 +193,9 @@ pub struct LoopNest {
     /// Expressions in dependency order (arguments come first).
     pub exprs: Vec<Expr>,
     pub stores: Vec<Store>,
+    /// The dropout seeds of this instance (`ExprOp::Dropout::slot` indexes them). They are passed at run time,
+    /// after the buffers, as a pointer to `u64`s (none when empty), so they are not part of the kernel's code.
+    pub seeds: Vec<u64>,
 }
 
 impl LoopNest {
@@ -250,7 +254,7 @@ fn expr_op(op: &Op, g: &Graph, inputs: &[ValueId]) -> Result<ExprOp, LoopError> 
         Op::SiluBwd {} => ExprOp::SiluBwd,
         Op::Swiglu {} => ExprOp::Swiglu,
         Op::Scale { c } => ExprOp::Scale { c: *c },
-        Op::Dropout { p, seed } => ExprOp::Dropout { p: *p, seed: *seed },
+        Op::Dropout { p, .. } => ExprOp::Dropout { p: *p, slot: 0 },
         Op::AdamWMoment { beta, square } => ExprOp::AdamWMoment { beta: *beta, square: *square },
         Op::AdamWUpdate { beta1, beta2, eps, weight_decay } => {
             ExprOp::AdamWUpdate { beta1: *beta1, beta2: *beta2, eps: *eps, weight_decay: *weight_decay }
@@ -362,12 +366,20 @@ fn build(g: &Graph, kernel: &Kernel) -> Result<LoopNest, LoopError> {
     let n_inputs = buffers.len();
 
     // Member expressions in node order (SSA order, so arguments come first).
+    let mut seeds = vec![];
     for &m in &members {
         let node = g.node(m);
         if elem_of(node.ty.dtype)? != Elem::F32 {
             return Err(LoopError::Unsupported(format!("{} producing {}", node.op.mnemonic(), node.ty.dtype)));
         }
         let op = expr_op(&node.op, g, &node.inputs)?;
+        let op = match (op, &node.op) {
+            (ExprOp::Dropout { p, .. }, Op::Dropout { seed, .. }) => {
+                seeds.push(*seed);
+                ExprOp::Dropout { p, slot: seeds.len() - 1 }
+            }
+            (op, _) => op,
+        };
         let mut args: Vec<ExprId> = node.inputs.iter().map(|v| expr_of[v]).collect();
         let reduced = match &node.op {
             Op::Sum { axes, .. } => Some(axes.to_vec()),
@@ -411,7 +423,7 @@ fn build(g: &Graph, kernel: &Kernel) -> Result<LoopNest, LoopError> {
     }
 
     let iteration = iteration(&exprs, &stores).map_err(shape_err)?;
-    Ok(LoopNest { name: kernel.name.clone(), buffers, n_inputs, iteration, exprs, stores })
+    Ok(LoopNest { name: kernel.name.clone(), buffers, n_inputs, iteration, exprs, stores, seeds })
 }
 
 /// The iteration space: rows of the row ops' input, or the outputs' elements; checks every store fits it.

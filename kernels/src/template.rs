@@ -71,6 +71,14 @@ impl Template {
         }
     }
 
+    /// Per-instance run-time constants passed after the buffers (the dropout seeds of a loop nest).
+    pub fn seeds(&self) -> &[u64] {
+        match self {
+            Template::Loops(n) => &n.seeds,
+            _ => &[],
+        }
+    }
+
     pub fn symbol(&self) -> String {
         match self {
             Template::Loops(n) => n.symbol(),
@@ -84,7 +92,10 @@ impl Template {
         let mut t = self.clone();
         t.rename(String::new());
         match &mut t {
-            Template::Loops(n) => n.buffers.iter_mut().for_each(|b| b.value = ValueId(0)),
+            Template::Loops(n) => {
+                n.buffers.iter_mut().for_each(|b| b.value = ValueId(0));
+                n.seeds.clear();
+            }
             Template::Nn(nn) => nn.buffers.iter_mut().for_each(|b| b.value = ValueId(0)),
             Template::Gemm(_) => {}
         }

@@ -18,6 +18,7 @@ enum Buf {
     F(CudaSlice<f32>),
     I(CudaSlice<i32>),
     U(CudaSlice<u8>),
+    S(CudaSlice<u64>),
 }
 
 fn read_f32(p: &Path) -> Result<Vec<f32>, String> {
@@ -66,6 +67,11 @@ fn run_case(ctx: &std::sync::Arc<CudaContext>, dir: &Path, sm: u32) -> Result<(S
             bufs.push(Buf::F(stream.clone_htod(&vec![init; n]).map_err(e)?));
         }
     }
+    // Run-time constants (dropout seeds) follow the buffers as one more pointer.
+    let seeds: Vec<u64> = field("seeds").iter().filter_map(|s| s.parse().ok()).collect();
+    if !seeds.is_empty() {
+        bufs.push(Buf::S(stream.clone_htod(&seeds).map_err(|e| format!("{kernel}: seeds: {e}"))?));
+    }
     let launch_field = field("launch");
     let cfg = match it.first().map(String::as_str) {
         _ if launch_field.len() == 3 => {
@@ -91,6 +97,7 @@ fn run_case(ctx: &std::sync::Arc<CudaContext>, dir: &Path, sm: u32) -> Result<(S
             Buf::F(s) => launch.arg(s),
             Buf::I(s) => launch.arg(s),
             Buf::U(s) => launch.arg(s),
+            Buf::S(s) => launch.arg(s),
         };
     }
     // SAFETY: the kernel takes one pointer per buffer, in this order, each with the element count written in meta.

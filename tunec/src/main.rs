@@ -60,6 +60,10 @@ struct CompileArgs {
     /// Write the report as JSON to this file.
     #[arg(long = "report-json", value_name = "FILE")]
     report_json: Option<PathBuf>,
+    /// Assemble every PTX kernel with ptxas (sm_80 and sm_90) while compiling; `--report` implies it (registers,
+    /// shared memory and spills per kernel). Without it the plan's PTX is assembled by the CUDA driver at load.
+    #[arg(long = "ptxas")]
+    check_ptx: bool,
     /// Write the plan (graph, kernels, memory plan, bindings, settings) to this file.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
@@ -99,8 +103,19 @@ fn main() -> ExitCode {
 
 fn compile(args: &CompileArgs) -> Result<(), String> {
     use passes::recompute::RecomputePolicy;
-    let CompileArgs { recipe: path, dir, emit, dump_after, dump_all, target, recompute, report, report_json, output } =
-        args;
+    let CompileArgs {
+        recipe: path,
+        dir,
+        emit,
+        dump_after,
+        dump_all,
+        target,
+        recompute,
+        report,
+        report_json,
+        check_ptx,
+        output,
+    } = args;
     let emit = emit.unwrap_or(if output.is_some() { Emit::None } else { Emit::Ir });
     let report = *report;
     let recompute = match recompute.as_str() {
@@ -156,13 +171,21 @@ fn compile(args: &CompileArgs) -> Result<(), String> {
     }
     let needs_code = output.is_some() || matches!(emit, Emit::Ptx | Emit::Llvm);
     let build = if needs_code {
-        let b = codegen::build::build(&graph, &codegen::build::BuildOptions::default())
-            .map_err(|e| format!("error: code generation: {e}"))?;
+        let b = codegen::build::build(
+            &graph,
+            &codegen::build::BuildOptions {
+                ptxas: report || *check_ptx,
+                llvm_ir: matches!(emit, Emit::Llvm),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| format!("error: code generation: {e}"))?;
         eprintln!(
-            "codegen: {} kernels, {} distinct generated (PTX sm_80 + sm_90 checked by ptxas, host library {} KiB) in {:.2} s; \
+            "codegen: {} kernels, {} distinct generated (PTX sm_80 + sm_90{}, host library {} KiB) in {:.2} s; \
              {} kernels await templates",
             graph.kernels.len(),
             b.distinct,
+            if report || *check_ptx { " checked by ptxas" } else { "" },
             b.host_library.as_ref().map_or(0, |l| l.len() / 1024),
             b.seconds,
             b.missing.len()
@@ -212,11 +235,15 @@ fn compile(args: &CompileArgs) -> Result<(), String> {
         let mut plan = plan_source::plan_of(&recipe, graph.clone(), &memory, opts.target.name)
             .map_err(|e| format!("error: building the plan: {e}"))?;
         if let Some(b) = &build {
+            let mut seen = std::collections::HashSet::new();
             for (code, k) in plan.kernels.iter_mut().zip(&b.kernels) {
                 code.symbol = k.symbol.clone();
-                code.llvm_ir = (!k.llvm_ir.is_empty()).then(|| k.llvm_ir.clone());
+                // Each distinct kernel's LLVM IR once, on its first instance.
+                let first = seen.insert(k.symbol.clone());
+                code.llvm_ir = (first && !k.llvm_ir.is_empty()).then(|| k.llvm_ir.clone());
                 code.args = k.args.clone();
                 code.launch = k.launch.clone();
+                code.seeds = k.seeds.clone();
             }
             plan.ptx_modules = b.ptx.clone();
             plan.host_library = b.host_library.clone();
