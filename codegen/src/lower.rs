@@ -288,14 +288,19 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     }
 
     /// Stores every output whose element count passes `which`, at `ix`.
+    /// Stores every selected output at `ix`. All values are computed (every input element loaded) before the first
+    /// store: the memory plan may give an output the buffer of an input that dies in this kernel, and another
+    /// output may still read that input at the same index.
     fn store_all(&mut self, ix: Ix<'ctx>, which: impl Fn(usize) -> bool) -> Kr<()> {
+        let mut vals = vec![];
         for s in self.nest.stores.clone() {
-            if !which(self.nest.exprs[s.expr].numel()) {
-                continue;
+            if which(self.nest.exprs[s.expr].numel()) {
+                vals.push((s.buffer, self.gen(s.expr, ix)?));
             }
-            let v = self.gen(s.expr, ix)?;
+        }
+        for (buffer, v) in vals {
             // ix.lin is below the output's element count (the loops' bounds).
-            let p = self.gep(self.ctx.f32_type(), self.bufs[s.buffer], ix.lin)?;
+            let p = self.gep(self.ctx.f32_type(), self.bufs[buffer], ix.lin)?;
             self.b.build_store(p, v)?;
         }
         Ok(())

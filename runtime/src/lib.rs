@@ -1,9 +1,14 @@
 //! The runtime: loads a compiled plan and runs it on a backend (`interp`, `cpu`, `cuda`), with weights, data, the
 //! training loop and adapter export. It never depends on LLVM: a plan is everything it needs.
 //!
-//! Today it holds the CUDA probe ([`cuda::cuda_available`]), which tells whether `--backend cuda` can work on this
-//! machine without panicking when there is no driver.
+//! Today it holds the `cpu` backend ([`cpu::CpuBackend`]), which runs a plan's host library on a pool of threads,
+//! and the CUDA probe ([`cuda::cuda_available`]), which tells whether `--backend cuda` can work on this machine
+//! without panicking when there is no driver.
 
+pub mod cpu;
 pub mod cuda;
+mod error;
 
+pub use cpu::{CpuBackend, StepOutputs};
 pub use cuda::{cuda_available, CudaUnavailable, DeviceInfo};
+pub use error::RuntimeError;

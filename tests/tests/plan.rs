@@ -1,6 +1,7 @@
 //! Plans of the tiny recipes, built exactly as `tunec compile -o` builds them: through the pipeline and the memory
 //! plan, written, read back, and summarized.
 
+#[allow(dead_code)] // attach_code is for plans with code (tests/cpu_backend.rs)
 #[path = "../../tunec/src/plan_source.rs"]
 mod plan_source;
 

@@ -1,5 +1,6 @@
 //! The `tunec` command line: compile recipes to IR and to plans (`-o plan.bin`), inspect plans, check the toolchain.
 
+mod bench;
 mod plan_source;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -30,6 +31,26 @@ enum Command {
     },
     /// Check the native toolchain: LLVM (NVPTX + host), ptxas, MLIR, and whether a CUDA driver is present.
     Doctor,
+    /// Time training steps of a plan (seeded random weights and tokens) on the cpu backend and/or the reference
+    /// interpreter; prints a table and writes JSON.
+    Bench {
+        /// The plan, e.g. plan.bin (from `tunec compile ... -o plan.bin`)
+        plan: PathBuf,
+        /// Backends to time: cpu, interp (the interpreter runs one step).
+        #[arg(long = "backend", default_values_t = vec!["cpu".to_string()])]
+        backends: Vec<String>,
+        /// Measured steps (after the warm-up).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Threads of the cpu backend.
+        #[arg(long, default_value_t = runtime::cpu::default_threads())]
+        threads: usize,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -91,6 +112,9 @@ fn main() -> ExitCode {
         Command::Compile(args) => compile(&args),
         Command::Inspect { plan } => inspect(&plan),
         Command::Doctor => doctor(),
+        Command::Bench { plan, backends, steps, warmup, threads, json } => {
+            bench::run(&plan, &backends, steps, warmup, threads, json.as_deref())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -235,18 +259,7 @@ fn compile(args: &CompileArgs) -> Result<(), String> {
         let mut plan = plan_source::plan_of(&recipe, graph.clone(), &memory, opts.target.name)
             .map_err(|e| format!("error: building the plan: {e}"))?;
         if let Some(b) = &build {
-            let mut seen = std::collections::HashSet::new();
-            for (code, k) in plan.kernels.iter_mut().zip(&b.kernels) {
-                code.symbol = k.symbol.clone();
-                // Each distinct kernel's LLVM IR once, on its first instance.
-                let first = seen.insert(k.symbol.clone());
-                code.llvm_ir = (first && !k.llvm_ir.is_empty()).then(|| k.llvm_ir.clone());
-                code.args = k.args.clone();
-                code.launch = k.launch.clone();
-                code.seeds = k.seeds.clone();
-            }
-            plan.ptx_modules = b.ptx.clone();
-            plan.host_library = b.host_library.clone();
+            plan_source::attach_code(&mut plan, b);
         }
         let bytes = plan.write(out).map_err(|e| format!("error: writing the plan: {e}"))?;
         eprintln!("wrote {} ({bytes} bytes)", out.display());

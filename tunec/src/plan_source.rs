@@ -80,3 +80,20 @@ pub fn plan_of(
         model_config: model_config.collect(),
     })
 }
+
+/// Fills the plan's kernel code from a codegen build: each kernel's symbol, arguments, launch and run-time seeds;
+/// each distinct kernel's LLVM IR once, on its first instance (when the build kept it); the PTX modules and the
+/// host library.
+pub fn attach_code(plan: &mut Plan, b: &codegen::build::Build) {
+    let mut seen = std::collections::HashSet::new();
+    for (code, k) in plan.kernels.iter_mut().zip(&b.kernels) {
+        code.symbol = k.symbol.clone();
+        let first = seen.insert(k.symbol.clone());
+        code.llvm_ir = (first && !k.llvm_ir.is_empty()).then(|| k.llvm_ir.clone());
+        code.args = k.args.clone();
+        code.launch = k.launch.clone();
+        code.seeds = k.seeds.clone();
+    }
+    plan.ptx_modules = b.ptx.clone();
+    plan.host_library = b.host_library.clone();
+}

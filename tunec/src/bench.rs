@@ -1,0 +1,196 @@
+//! `tunec bench`: times training steps of a compiled plan on a backend, with seeded random weights and tokens (the
+//! shapes are what cost, not the values), prints a table and writes JSON.
+
+use std::path::Path;
+use std::time::Instant;
+
+use ir::interp::{Env, Precision, Tensor, Value};
+use ir::plan::Plan;
+use ir::{DType, Init};
+
+/// Seeded random values: frozen (loaded) weights uniform in ±0.02 (norm weights 1), token ids below the
+/// vocabulary, positions `0..T` per row, one segment per row, labels = the token ids, lr 2e-4.
+struct Data {
+    seed: u64,
+}
+
+impl Data {
+    fn uniform(&self, name: &str, n: usize, scale: f32) -> Vec<f32> {
+        let s = ir::init::param_seed(self.seed, name);
+        (0..n).map(|i| scale * (2.0 * ir::rng::uniform(s, 11, i as u64) - 1.0)).collect()
+    }
+
+    fn frozen(&self, name: &str, n: usize) -> Vec<f32> {
+        if name.contains("norm") {
+            vec![1.0; n]
+        } else {
+            self.uniform(name, n, 0.02)
+        }
+    }
+
+    /// The per-step inputs by name (`opt_step` is the 1-based step).
+    fn input(&self, name: &str, shape: &[usize], dtype: DType, step: u64, vocab: usize) -> Value {
+        let n: usize = shape.iter().product();
+        let t = shape.last().copied().unwrap_or(1).max(1);
+        let tokens = |salt: u64| -> Vec<i32> {
+            let s = ir::init::param_seed(self.seed ^ salt, "tokens");
+            (0..n)
+                .map(|i| ((ir::rng::uniform(s, step, i as u64) as f64 * vocab as f64) as i32).min(vocab as i32 - 1))
+                .collect()
+        };
+        match (name, dtype) {
+            ("lr", _) => Value::F(Tensor::scalar(2e-4)),
+            ("opt_step", _) | ("step", _) => Value::ints(vec![], vec![step as i32]),
+            ("position_ids", _) => Value::ints(shape.to_vec(), (0..n).map(|k| (k % t) as i32).collect()),
+            ("segment_ids", _) => Value::ints(shape.to_vec(), vec![0; n]),
+            ("input_ids", _) | ("labels", _) => Value::ints(shape.to_vec(), tokens(0)),
+            (_, DType::I32) => Value::ints(shape.to_vec(), vec![0; n]),
+            _ => Value::F(Tensor::new(shape.to_vec(), self.uniform(name, n, 1.0).iter().map(|&x| x as f64).collect())),
+        }
+    }
+}
+
+fn vocab_of(plan: &Plan) -> usize {
+    plan.model_config.iter().find(|(k, _)| k == "vocab").and_then(|(_, v)| v.parse().ok()).unwrap_or(32000)
+}
+
+/// One backend's measured steps.
+pub struct BenchResult {
+    pub backend: String,
+    pub threads: usize,
+    pub step_seconds: Vec<f64>,
+    pub losses: Vec<f32>,
+    pub tokens_per_step: usize,
+}
+
+impl BenchResult {
+    pub fn median(&self) -> f64 {
+        let mut t = self.step_seconds.clone();
+        t.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
+        t[t.len() / 2]
+    }
+}
+
+/// Runs `warmup + steps` steps of `plan` on `backend` (`cpu` or `interp`).
+pub fn bench(plan: &Plan, backend: &str, steps: usize, warmup: usize, threads: usize) -> Result<BenchResult, String> {
+    let data = Data { seed: plan.train.seed };
+    let vocab = vocab_of(plan);
+    let tokens_per_step = (plan.train.micro_batch * plan.train.seq_len) as usize;
+    let mut out =
+        BenchResult { backend: backend.to_string(), threads, step_seconds: vec![], losses: vec![], tokens_per_step };
+    match backend {
+        "cpu" => {
+            let mut be = runtime::cpu::CpuBackend::new(plan, threads).map_err(|e| format!("error: {e}"))?;
+            for p in &plan.params {
+                if matches!(p.init, Init::Load) {
+                    let n: usize = p.shape.iter().product();
+                    be.set_param_f32(&p.name, &data.frozen(&p.name, n)).map_err(|e| format!("error: {e}"))?;
+                }
+            }
+            be.init_params(plan.train.seed).map_err(|e| format!("error: {e}"))?;
+            for step in 1..=(warmup + steps) as u64 {
+                for i in &plan.inputs {
+                    match data.input(&i.name, &i.shape, i.dtype, step, vocab) {
+                        Value::F(t) => be.set_input_f32(&i.name, &t.to_f32()),
+                        Value::I { data, .. } => be.set_input_i32(&i.name, &data),
+                        Value::Q(_) => unreachable!("inputs are not NF4"),
+                    }
+                    .map_err(|e| format!("error: {e}"))?;
+                }
+                let t0 = Instant::now();
+                let o = be.step().map_err(|e| format!("error: step {step}: {e}"))?;
+                let dt = t0.elapsed().as_secs_f64();
+                if step as usize > warmup {
+                    out.step_seconds.push(dt);
+                    out.losses.push(o.loss().unwrap_or(f32::NAN));
+                }
+            }
+        }
+        "interp" => {
+            let g = &plan.graph;
+            let mut env = Env::default();
+            for p in &plan.params {
+                let n: usize = p.shape.iter().product();
+                let v = if matches!(p.init, Init::Load) {
+                    data.frozen(&p.name, n)
+                } else {
+                    let src = |name: &str| env.params.get(name).cloned();
+                    ir::init::materialize(&p.init, &p.name, &p.shape, plan.train.seed, &src)
+                        .map_err(|e| format!("error: {e}"))?
+                        .to_f32()
+                };
+                env.params.insert(p.name.clone(), Value::F(Tensor::from_f32(p.shape.clone(), &v)));
+            }
+            for step in 1..=(warmup + steps) as u64 {
+                for i in &plan.inputs {
+                    env.inputs.insert(i.name.clone(), data.input(&i.name, &i.shape, i.dtype, step, vocab));
+                }
+                let t0 = Instant::now();
+                let vals = ir::interp::run(g, &env, Precision::F32).map_err(|e| format!("error: interpreter: {e}"))?;
+                let dt = t0.elapsed().as_secs_f64();
+                let loss = g
+                    .outputs
+                    .iter()
+                    .find(|o| matches!(o.kind, ir::OutputKind::Loss))
+                    .and_then(|o| vals[o.value.index()].as_f().map(|t| t.data[0] as f32));
+                for o in &g.outputs {
+                    if let ir::OutputKind::Update(name) = &o.kind {
+                        env.params.insert(name.clone(), vals[o.value.index()].clone());
+                    }
+                }
+                if step as usize > warmup {
+                    out.step_seconds.push(dt);
+                    out.losses.push(loss.unwrap_or(f32::NAN));
+                }
+            }
+        }
+        other => return Err(format!("error: unknown backend `{other}` for bench (cpu, interp)")),
+    }
+    Ok(out)
+}
+
+/// `tunec bench <plan> ...`: runs each backend, prints a table, writes JSON.
+pub fn run(
+    path: &Path,
+    backends: &[String],
+    steps: usize,
+    warmup: usize,
+    threads: usize,
+    json: Option<&Path>,
+) -> Result<(), String> {
+    let plan = Plan::read(path).map_err(|e| format!("error: {}: {e}", path.display()))?;
+    println!(
+        "{:<10} {:>8} {:>7} {:>12} {:>12} {:>12} {:>10}",
+        "backend", "threads", "steps", "median_s", "min_s", "tokens/s", "loss"
+    );
+    let mut rows = vec![];
+    for b in backends {
+        let (s, w) = if b == "interp" { (steps.min(1), 0) } else { (steps, warmup) };
+        let r = bench(&plan, b, s, w, threads)?;
+        let min = r.step_seconds.iter().cloned().fold(f64::INFINITY, f64::min);
+        println!(
+            "{:<10} {:>8} {:>7} {:>12.3} {:>12.3} {:>12.1} {:>10.4}",
+            r.backend,
+            r.threads,
+            r.step_seconds.len(),
+            r.median(),
+            min,
+            r.tokens_per_step as f64 / r.median(),
+            r.losses.last().copied().unwrap_or(f32::NAN)
+        );
+        rows.push(serde_json::json!({
+            "backend": r.backend, "threads": r.threads, "step_seconds": r.step_seconds, "median_s": r.median(),
+            "tokens_per_step": r.tokens_per_step, "losses": r.losses,
+        }));
+    }
+    if let Some(j) = json {
+        let doc = serde_json::json!({ "plan": path.display().to_string(), "recipe": plan.recipe, "results": rows });
+        if let Some(dir) = j.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("error: {}: {e}", dir.display()))?;
+        }
+        std::fs::write(j, serde_json::to_string_pretty(&doc).expect("json"))
+            .map_err(|e| format!("error: {}: {e}", j.display()))?;
+        println!("wrote {}", j.display());
+    }
+    Ok(())
+}
