@@ -7,7 +7,7 @@ SHELL := /bin/bash
 
 ENV := source scripts/env.sh
 
-.PHONY: setup build test demo bench
+.PHONY: setup build test demo bench bench-cpu
 
 setup:
 	scripts/setup.sh
@@ -49,3 +49,10 @@ bench: setup
 	scripts/bench_compile.sh 10 target/bench/compile.json
 	scripts/bench_layers.sh 5 target/bench/layers.json
 	target/release/tunec compile examples/llama2-7b.qlora.rs --emit none --report --report-json target/bench/llama2-7b.qlora.report.json
+
+# The CPU training-step benchmark: tunec's cpu backend vs the interpreter vs PyTorch + PEFT (+ bitsandbytes), side
+# by side on the SmolLM2-135M shape (scripts/bench_cpu.sh; sets up the Python venv on first use). Minutes.
+bench-cpu: setup
+	$(ENV)
+	cargo build --release -p tunec
+	scripts/bench_cpu.sh 3

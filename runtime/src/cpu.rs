@@ -495,6 +495,11 @@ impl CpuBackend {
         self.steps
     }
 
+    /// The plan's graph (the training step).
+    pub fn graph(&self) -> &ir::Graph {
+        &self.graph
+    }
+
     /// The plan's parameters (and optimizer states).
     pub fn params(&self) -> impl Iterator<Item = &ParamBinding> {
         self.params.iter().map(|p| &p.binding)

@@ -7,7 +7,11 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod data;
 mod error;
+pub mod generate;
+pub mod train;
+pub mod weights;
 
 pub use cpu::{CpuBackend, StepOutputs};
 pub use cuda::{cuda_available, CudaUnavailable, DeviceInfo};

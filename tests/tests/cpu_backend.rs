@@ -11,7 +11,7 @@ use codegen::build::{build, BuildOptions};
 use ir::interp::{run, Env, Precision, Tensor, Value};
 use ir::plan::{build_plan, Plan, PlanSource, TrainSettings, ValuePlacement};
 use ir::{Builder, DType, Graph, Init, Nf4Format, Op, OutputKind, Role, Type, ValueId};
-use passes::{training_pipeline, PassManager, PipelineOptions};
+use passes::PassManager;
 use runtime::{CpuBackend, RuntimeError};
 use std::collections::HashMap;
 use tests::compile_example;
@@ -25,25 +25,7 @@ fn host_only() -> BuildOptions {
 /// The plan of a tiny recipe for the cpu target, read back from its bytes as a runtime would get it.
 fn recipe_plan(example: &str) -> Plan {
     let recipe = compile_example(example);
-    let mut g = recipe.forward.clone();
-    let t = &recipe.train;
-    let opts = PipelineOptions {
-        adamw: passes::adamw::AdamW {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-            max_grad_norm: t.max_grad_norm,
-        },
-        target: passes::target::Target::by_name("cpu").expect("the cpu target"),
-        unoptimized: false,
-        recompute: None,
-    };
-    PassManager::new(training_pipeline(&opts)).run(&mut g).unwrap();
-    let b = build(&g, &host_only()).unwrap_or_else(|e| panic!("{example}: codegen: {e}"));
-    let memory = passes::memory::plan(&g);
-    let mut plan = plan_source::plan_of(&recipe, g, &memory, opts.target.name).unwrap();
-    plan_source::attach_code(&mut plan, &b);
+    let plan = plan_source::compile_plan(&recipe, "cpu", &host_only()).unwrap_or_else(|e| panic!("{example}: {e}"));
     Plan::from_bytes(&plan.to_bytes().unwrap()).unwrap()
 }
 

@@ -71,8 +71,16 @@ impl BenchResult {
     }
 }
 
-/// Runs `warmup + steps` steps of `plan` on `backend` (`cpu` or `interp`).
-pub fn bench(plan: &Plan, backend: &str, steps: usize, warmup: usize, threads: usize) -> Result<BenchResult, String> {
+/// Runs `warmup + steps` steps of `plan` on `backend` (`cpu` or `interp`). With `profile`, the cpu backend's last
+/// step runs kernel by kernel and the time per kernel kind (`matmul`, `attention_bwd`, …) is printed.
+pub fn bench(
+    plan: &Plan,
+    backend: &str,
+    steps: usize,
+    warmup: usize,
+    threads: usize,
+    profile: bool,
+) -> Result<BenchResult, String> {
     let data = Data { seed: plan.train.seed };
     let vocab = vocab_of(plan);
     let tokens_per_step = (plan.train.micro_batch * plan.train.seq_len) as usize;
@@ -98,7 +106,29 @@ pub fn bench(plan: &Plan, backend: &str, steps: usize, warmup: usize, threads: u
                     .map_err(|e| format!("error: {e}"))?;
                 }
                 let t0 = Instant::now();
-                let o = be.step().map_err(|e| format!("error: step {step}: {e}"))?;
+                let last = step as usize == warmup + steps;
+                let o = if profile && last {
+                    let mut per: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+                    let mut t = Instant::now();
+                    let o = be
+                        .step_each(|k, _| {
+                            let kind = plan.kernels[k].name.split(':').next().unwrap_or("").to_string();
+                            let e = per.entry(kind).or_default();
+                            e.0 += t.elapsed().as_secs_f64();
+                            e.1 += 1;
+                            t = Instant::now();
+                        })
+                        .map_err(|e| format!("error: step {step}: {e}"))?;
+                    let mut rows: Vec<_> = per.into_iter().collect();
+                    rows.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).expect("finite"));
+                    println!("profile (one step, kernel by kernel): kind, kernels, seconds");
+                    for (kind, (sec, n)) in rows {
+                        println!("  {kind:<28} {n:>6} {sec:>9.3}");
+                    }
+                    o
+                } else {
+                    be.step().map_err(|e| format!("error: step {step}: {e}"))?
+                };
                 let dt = t0.elapsed().as_secs_f64();
                 if step as usize > warmup {
                     out.step_seconds.push(dt);
@@ -156,6 +186,7 @@ pub fn run(
     steps: usize,
     warmup: usize,
     threads: usize,
+    profile: bool,
     json: Option<&Path>,
 ) -> Result<(), String> {
     let plan = Plan::read(path).map_err(|e| format!("error: {}: {e}", path.display()))?;
@@ -166,7 +197,7 @@ pub fn run(
     let mut rows = vec![];
     for b in backends {
         let (s, w) = if b == "interp" { (steps.min(1), 0) } else { (steps, warmup) };
-        let r = bench(&plan, b, s, w, threads)?;
+        let r = bench(&plan, b, s, w, threads, profile)?;
         let min = r.step_seconds.iter().cloned().fold(f64::INFINITY, f64::min);
         println!(
             "{:<10} {:>8} {:>7} {:>12.3} {:>12.3} {:>12.1} {:>10.4}",

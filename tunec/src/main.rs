@@ -1,6 +1,7 @@
 //! The `tunec` command line: compile recipes to IR and to plans (`-o plan.bin`), inspect plans, check the toolchain.
 
 mod bench;
+mod cmd_run;
 mod plan_source;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -31,6 +32,9 @@ enum Command {
     },
     /// Check the native toolchain: LLVM (NVPTX + host), ptxas, MLIR, and whether a CUDA driver is present.
     Doctor,
+    /// Train: a plan (or recipe) on a data set, from an HF model directory; writes metrics, checkpoints and the
+    /// PEFT adapter.
+    Run(cmd_run::RunArgs),
     /// Time training steps of a plan (seeded random weights and tokens) on the cpu backend and/or the reference
     /// interpreter; prints a table and writes JSON.
     Bench {
@@ -50,6 +54,9 @@ enum Command {
         /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Time the last cpu step kernel by kernel and print the time per kernel kind.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -112,8 +119,9 @@ fn main() -> ExitCode {
         Command::Compile(args) => compile(&args),
         Command::Inspect { plan } => inspect(&plan),
         Command::Doctor => doctor(),
-        Command::Bench { plan, backends, steps, warmup, threads, json } => {
-            bench::run(&plan, &backends, steps, warmup, threads, json.as_deref())
+        Command::Run(args) => cmd_run::run(&args),
+        Command::Bench { plan, backends, steps, warmup, threads, json, profile } => {
+            bench::run(&plan, &backends, steps, warmup, threads, profile, json.as_deref())
         }
     };
     match result {
@@ -152,19 +160,7 @@ fn compile(args: &CompileArgs) -> Result<(), String> {
     let recipe = frontend::compile_file(path, models::library()).map_err(|d| d.render())?;
     let t_front = t0.elapsed();
     let mut graph = recipe.forward.clone();
-    let opts = PipelineOptions {
-        adamw: passes::adamw::AdamW {
-            beta1: recipe.train.beta1,
-            beta2: recipe.train.beta2,
-            eps: recipe.train.eps,
-            weight_decay: recipe.train.weight_decay,
-            max_grad_norm: recipe.train.max_grad_norm,
-        },
-        target: passes::target::Target::by_name(target)
-            .ok_or_else(|| format!("error: unknown --target {target} (h100, cpu)"))?,
-        unoptimized: false,
-        recompute,
-    };
+    let opts = plan_source::pipeline_options(&recipe, target, recompute)?;
     let mut pm = PassManager::new(training_pipeline(&opts));
     let known: Vec<&str> = std::iter::once("input").chain(pm.names()).collect();
     for d in dump_after {

@@ -97,3 +97,41 @@ pub fn attach_code(plan: &mut Plan, b: &codegen::build::Build) {
     plan.ptx_modules = b.ptx.clone();
     plan.host_library = b.host_library.clone();
 }
+
+/// The pipeline options of a recipe's training step for `target` (`h100`, `cpu`), as `tunec compile` uses them.
+pub fn pipeline_options(
+    recipe: &CompiledRecipe,
+    target: &str,
+    recompute: Option<passes::recompute::RecomputePolicy>,
+) -> Result<passes::PipelineOptions, String> {
+    let t = &recipe.train;
+    Ok(passes::PipelineOptions {
+        adamw: passes::adamw::AdamW {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+            max_grad_norm: t.max_grad_norm,
+        },
+        target: passes::target::Target::by_name(target)
+            .ok_or_else(|| format!("error: unknown --target {target} (h100, cpu)"))?,
+        unoptimized: false,
+        recompute,
+    })
+}
+
+/// A recipe's whole plan: the optimized training step for `target`, its memory plan, and the code `build` makes.
+pub fn compile_plan(
+    recipe: &CompiledRecipe,
+    target: &str,
+    build: &codegen::build::BuildOptions,
+) -> Result<Plan, String> {
+    let opts = pipeline_options(recipe, target, None)?;
+    let mut g = recipe.forward.clone();
+    passes::PassManager::new(passes::training_pipeline(&opts)).run(&mut g).map_err(|e| format!("error: {e}"))?;
+    let b = codegen::build::build(&g, build).map_err(|e| format!("error: code generation: {e}"))?;
+    let memory = passes::memory::plan(&g);
+    let mut plan = plan_of(recipe, g, &memory, opts.target.name).map_err(|e| format!("error: {e}"))?;
+    attach_code(&mut plan, &b);
+    Ok(plan)
+}

@@ -1,0 +1,352 @@
+//! The training loop: AdamW steps of a compiled plan (the update, weight decay and gradient-norm clipping are in the
+//! plan's graph) with the runtime feeding the warm-up + cosine learning rate and the step counter, eval loss before
+//! training and every N steps, `metrics.jsonl`, a loss plot, atomic checkpoints every N steps and at the end, exact
+//! resume, a NaN/inf guard that names the first offending tensor, and the adapter in PEFT's format.
+//!
+//! **Eval loss** runs the training step on the eval batch with learning rate 0 and restores every trainable
+//! parameter and optimizer state afterwards (the plan holds one program, the training step; with lr 0 AdamW leaves
+//! the parameters as they are but moves its moments, which the restore undoes). The loss is the forward loss of the
+//! current parameters; LoRA dropout, when the recipe has it, stays on, as in the training loss.
+//!
+//! **Reproducibility**: dropout masks derive from the recipe's seeds and the step counter, the data order from the
+//! data seed and the iterator position, AdamW's state is checkpointed: a resumed run computes exactly what the
+//! uninterrupted run computes.
+
+pub mod adapter;
+pub mod checkpoint;
+pub mod interp;
+pub mod metrics;
+pub mod schedule;
+pub mod source;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ir::plan::Plan;
+use ir::{Role, ValueId};
+
+use crate::cpu::CpuBackend;
+use checkpoint::{Checkpoint, CheckpointMeta};
+use metrics::{MetricsLog, Record};
+use schedule::Schedule;
+
+/// Named f32 tensors: (name, shape, values).
+pub type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// One micro-batch in the plan's input shapes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    /// `[micro_batch, seq_len]` row-major.
+    pub input_ids: Vec<i32>,
+    pub position_ids: Vec<i32>,
+    pub segment_ids: Vec<i32>,
+    /// `[micro_batch · seq_len]`, −100 where no loss is taken.
+    pub labels: Vec<i32>,
+}
+
+impl Batch {
+    /// Tokens that carry a label.
+    pub fn label_tokens(&self) -> usize {
+        self.labels.iter().filter(|&&l| l >= 0).count()
+    }
+}
+
+/// Where batches come from (the data module implements it).
+pub trait DataSource {
+    /// The next training batch (the iterator wraps around epochs).
+    fn next_batch(&mut self) -> Result<Batch, String>;
+    /// The held-out batches, in a fixed order.
+    fn eval_batches(&self) -> Vec<Batch>;
+    /// The iterator's position, to store in a checkpoint.
+    fn position(&self) -> serde_json::Value;
+    /// Continues from a stored position.
+    fn restore(&mut self, position: &serde_json::Value) -> Result<(), String>;
+}
+
+/// What the loop needs from a backend.
+pub trait StepBackend {
+    /// Sets the step's inputs (the batch, the learning rate and the 1-based optimizer step).
+    fn set_inputs(&mut self, b: &Batch, lr: f32, step: u64) -> Result<(), String>;
+    /// Runs the training step: (loss, gradient norm).
+    fn run_step(&mut self) -> Result<(f32, Option<f32>), String>;
+    /// Every trainable parameter and optimizer state: (name, shape, values).
+    fn state(&self) -> Result<Tensors, String>;
+    /// Overwrites a parameter or state.
+    fn set_state(&mut self, name: &str, data: &[f32]) -> Result<(), String>;
+    /// After a non-finite loss, with the step's starting state restored: which tensor is the first to hold a
+    /// non-finite value (a parameter, an input, or a kernel's result, in execution order).
+    fn first_nonfinite(&mut self) -> Result<Option<String>, String>;
+}
+
+/// The cpu backend as the loop's backend.
+impl StepBackend for CpuBackend {
+    fn set_inputs(&mut self, b: &Batch, lr: f32, step: u64) -> Result<(), String> {
+        let e = |e: crate::RuntimeError| e.to_string();
+        self.set_input_i32("input_ids", &b.input_ids).map_err(e)?;
+        self.set_input_i32("labels", &b.labels).map_err(e)?;
+        for (name, data) in [("position_ids", &b.position_ids), ("segment_ids", &b.segment_ids)] {
+            if self.inputs().any(|i| i.name == name) {
+                self.set_input_i32(name, data).map_err(e)?;
+            }
+        }
+        self.set_input_f32("lr", &[lr]).map_err(e)?;
+        self.set_input_i32("opt_step", &[step as i32]).map_err(e)?;
+        // The dropout masks' step counter (present when the recipe has dropout).
+        if self.inputs().any(|i| i.name == "step") {
+            self.set_input_i32("step", &[step as i32]).map_err(e)?;
+        }
+        Ok(())
+    }
+
+    fn run_step(&mut self) -> Result<(f32, Option<f32>), String> {
+        let o = self.step().map_err(|e| e.to_string())?;
+        Ok((o.loss().unwrap_or(f32::NAN), o.metric("grad_norm")))
+    }
+
+    fn state(&self) -> Result<Tensors, String> {
+        let mut out = vec![];
+        for p in self.params().filter(|p| matches!(p.role, Role::Trainable | Role::State)) {
+            out.push((p.name.clone(), p.shape.clone(), self.param_f32(&p.name).map_err(|e| e.to_string())?));
+        }
+        Ok(out)
+    }
+
+    fn set_state(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
+        self.set_param_f32(name, data).map_err(|e| e.to_string())
+    }
+
+    fn first_nonfinite(&mut self) -> Result<Option<String>, String> {
+        let bindings: Vec<_> = self.params().cloned().collect();
+        for p in bindings {
+            if let Ok(d) = self.param_f32(&p.name) {
+                if let Some(i) = d.iter().position(|x| !x.is_finite()) {
+                    return Ok(Some(format!("parameter `{}` holds {} at element {i}", p.name, d[i])));
+                }
+            }
+        }
+        let kernels: Vec<ir::Kernel> = self.graph().kernels.clone();
+        let mut found: Option<String> = None;
+        self.step_each(|k, cpu| {
+            if found.is_some() {
+                return;
+            }
+            for &v in &kernels[k].nodes {
+                if let Some(d) = cpu.value_f32(v) {
+                    if let Some(i) = d.iter().position(|x| !x.is_finite()) {
+                        found = Some(describe(cpu.graph(), v, &kernels[k].name, d[i], i));
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(found)
+    }
+}
+
+fn describe(g: &ir::Graph, v: ValueId, kernel: &str, x: f32, i: usize) -> String {
+    let n = g.node(v);
+    let label = n.label.as_deref().map(|l| format!(" of `{l}`")).unwrap_or_default();
+    format!("{v} = {}{label} : {} (kernel `{kernel}`) holds {x} at element {i}", n.op.mnemonic(), n.ty)
+}
+
+/// How a run is set up.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub out: PathBuf,
+    /// Optimizer steps in total (a resumed run continues up to this).
+    pub steps: u64,
+    pub lr: f64,
+    pub warmup: u64,
+    /// Eval every N steps (0: only before and after training).
+    pub eval_every: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    pub save_every: u64,
+    pub seed: u64,
+    pub resume: bool,
+    /// `base_model_name_or_path` in the adapter's config.
+    pub base_model: String,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Stop after this many steps of this invocation (for tests of resume); `None` runs to `steps`.
+    pub stop_after: Option<u64>,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainSummary {
+    pub first_step: u64,
+    pub last_step: u64,
+    pub eval_before: Option<f64>,
+    pub eval_after: Option<f64>,
+    pub final_loss: Option<f64>,
+    pub tokens_per_s: f64,
+    pub adapter_tensors: usize,
+}
+
+/// The mean eval loss over the held-out batches (state restored afterwards).
+pub fn eval_loss(be: &mut dyn StepBackend, data: &dyn DataSource, step: u64) -> Result<Option<f64>, String> {
+    let batches = data.eval_batches();
+    if batches.is_empty() {
+        return Ok(None);
+    }
+    let saved = be.state()?;
+    // Each batch's loss is the mean over its labelled tokens: weight it by their count.
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for b in &batches {
+        be.set_inputs(b, 0.0, step.max(1))?;
+        let n = b.label_tokens();
+        let loss = be.run_step()?.0 as f64;
+        if n > 0 {
+            total += loss * n as f64;
+            count += n;
+        }
+    }
+    for (n, _, d) in &saved {
+        be.set_state(n, d)?;
+    }
+    Ok((count > 0).then(|| total / count as f64))
+}
+
+/// Trains: see the module docs. `plan` is the compiled step (for its recipe name, adapter settings and shapes).
+pub fn train(
+    plan: &Plan,
+    be: &mut dyn StepBackend,
+    data: &mut dyn DataSource,
+    opts: &TrainOptions,
+) -> Result<TrainSummary, String> {
+    std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
+    let metrics_path = opts.out.join("metrics.jsonl");
+    let mut start = 0u64;
+    let mut tokens_total = 0u64;
+    if opts.resume {
+        match checkpoint::latest(&opts.out) {
+            Some(p) => {
+                let ck = Checkpoint::read(&p).map_err(|e| e.to_string())?;
+                if ck.meta.recipe != plan.recipe {
+                    return Err(format!(
+                        "{}: a checkpoint of recipe `{}`, not `{}`",
+                        p.display(),
+                        ck.meta.recipe,
+                        plan.recipe
+                    ));
+                }
+                for (n, _, d) in &ck.tensors {
+                    be.set_state(n, d)?;
+                }
+                data.restore(&ck.meta.data)?;
+                start = ck.meta.step;
+                tokens_total = ck.meta.tokens;
+                // Lines a killed run wrote after its last checkpoint are dropped: they are computed again.
+                if let Ok(recs) = metrics::read(&metrics_path) {
+                    let kept: Vec<String> = recs
+                        .iter()
+                        .filter(|r| r.step <= start)
+                        .map(|r| serde_json::to_string(r).expect("json"))
+                        .collect();
+                    let text = if kept.is_empty() { String::new() } else { kept.join("\n") + "\n" };
+                    checkpoint::write_atomic(&metrics_path, text.as_bytes()).map_err(|e| e.to_string())?;
+                }
+                eprintln!("resuming from {} (step {start})", p.display());
+            }
+            None => eprintln!("--resume: no checkpoint under {}; starting from step 0", opts.out.display()),
+        }
+    } else if metrics_path.exists() {
+        std::fs::remove_file(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+    }
+    let mut log = MetricsLog::open(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+    let sched = Schedule { lr: opts.lr, warmup: opts.warmup, total: opts.steps };
+    let mut summary = TrainSummary { first_step: start + 1, last_step: start, ..TrainSummary::default() };
+
+    if start == 0 {
+        summary.eval_before = eval_loss(be, data, 1)?;
+        if let Some(l) = summary.eval_before {
+            log.write(&Record { step: 0, eval_loss: Some(l), ..Record::default() }).map_err(|e| e.to_string())?;
+        }
+    }
+    let end = opts.stop_after.map_or(opts.steps, |n| (start + n).min(opts.steps));
+    let bar = opts.progress.then(|| {
+        let pb = indicatif::ProgressBar::new(opts.steps);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        pb.set_position(start);
+        pb
+    });
+    let t_run = Instant::now();
+    let mut run_tokens = 0u64;
+    let save = |be: &dyn StepBackend, data: &dyn DataSource, step: u64, tokens: u64| -> Result<(), String> {
+        let ck = Checkpoint {
+            meta: CheckpointMeta { step, data: data.position(), seed: opts.seed, recipe: plan.recipe.clone(), tokens },
+            tensors: be.state()?,
+        };
+        ck.write(&checkpoint::path_for(&opts.out, step)).map_err(|e| e.to_string())
+    };
+    for step in start + 1..=end {
+        let batch = data.next_batch()?;
+        let lr = sched.lr_at(step);
+        be.set_inputs(&batch, lr as f32, step)?;
+        let before = be.state()?;
+        let t0 = Instant::now();
+        let (loss, grad_norm) = be.run_step()?;
+        let dt = t0.elapsed().as_secs_f64();
+        if !loss.is_finite() {
+            for (n, _, d) in &before {
+                be.set_state(n, d)?;
+            }
+            be.set_inputs(&batch, lr as f32, step)?;
+            let culprit = be.first_nonfinite()?.unwrap_or_else(|| "no tensor of the step holds one".into());
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            return Err(format!("step {step}: the loss is {loss}; stopped. First non-finite value: {culprit}"));
+        }
+        let tokens = (batch.input_ids.len()) as u64;
+        tokens_total += tokens;
+        run_tokens += tokens;
+        let tps = tokens as f64 / dt;
+        let mut rec = Record {
+            step,
+            loss: Some(loss as f64),
+            lr: Some(lr),
+            grad_norm: grad_norm.map(|g| g as f64),
+            tokens_per_s: Some(tps),
+            eval_loss: None,
+        };
+        if opts.eval_every > 0 && step % opts.eval_every == 0 && step != opts.steps {
+            rec.eval_loss = eval_loss(be, data, step)?;
+        }
+        if step == opts.steps {
+            rec.eval_loss = eval_loss(be, data, step)?;
+            summary.eval_after = rec.eval_loss;
+        }
+        log.write(&rec).map_err(|e| e.to_string())?;
+        summary.final_loss = Some(loss as f64);
+        summary.last_step = step;
+        if let Some(b) = &bar {
+            b.set_position(step);
+            b.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s"));
+        }
+        if opts.save_every > 0 && step % opts.save_every == 0 || step == end {
+            save(be, data, step, tokens_total)?;
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    summary.tokens_per_s = run_tokens as f64 / t_run.elapsed().as_secs_f64().max(1e-9);
+    if let Ok(recs) = metrics::read(&metrics_path) {
+        let svg = metrics::loss_svg(&recs);
+        checkpoint::write_atomic(&opts.out.join("loss.svg"), svg.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    if let Some(settings) = &plan.peft {
+        let state = be.state()?;
+        summary.adapter_tensors = adapter::write_adapter(&opts.out.join("adapter"), &state, settings, &opts.base_model)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(summary)
+}

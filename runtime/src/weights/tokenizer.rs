@@ -1,0 +1,304 @@
+//! Tokenizers: `tokenizer.json` and `tokenizer_config.json` rebuilt from GGUF metadata (byte-level BPE), loading
+//! a `tokenizer.json` with the `tokenizers` crate, and the chat template of `tokenizer_config.json` rendered with
+//! minijinja the way transformers renders it (`trim_blocks`, `lstrip_blocks`, Python string methods).
+//!
+//! GGUF keys used: `tokenizer.ggml.model` ("gpt2" = byte-level BPE), `.tokens`, `.token_type` (3 control and 4
+//! user-defined become special added tokens), `.merges` ("a b"), `.pre` (the pre-tokenizer: "smollm" splits
+//! digits one by one and then applies the GPT-2 byte-level regex, without a prefix space), `.bos_token_id`,
+//! `.eos_token_id`, `.padding_token_id`, `.unknown_token_id`, `.add_bos_token`, and `tokenizer.chat_template`.
+
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+
+use super::gguf::GgufFile;
+use super::{read_json, WeightsError};
+
+/// The GGUF token types that become special added tokens.
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// The tokenizer files rebuilt from a GGUF file.
+#[derive(Clone, Debug)]
+pub struct GgufTokenizer {
+    /// The content of `tokenizer.json`.
+    pub tokenizer_json: Value,
+    /// The content of `tokenizer_config.json`.
+    pub tokenizer_config: Value,
+    pub vocab_size: usize,
+    pub merges: usize,
+    /// The special (added) tokens: (id, text).
+    pub special_tokens: Vec<(u32, String)>,
+    pub bos: Option<(u32, String)>,
+    pub eos: Option<(u32, String)>,
+    pub has_chat_template: bool,
+}
+
+/// The pre-tokenizer of `tokenizer.json` for llama.cpp's `tokenizer.ggml.pre` name.
+fn pre_tokenizer(path: &Path, pre: &str) -> Result<Value, WeightsError> {
+    let byte_level = |use_regex: bool| json!({ "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex });
+    let split = |pattern: &str| json!({ "type": "Split", "pattern": { "Regex": pattern }, "behavior": "Isolated", "invert": false });
+    Ok(match pre {
+        "smollm" => json!({
+            "type": "Sequence",
+            "pretokenizers": [{ "type": "Digits", "individual_digits": true }, byte_level(true)],
+        }),
+        "gpt-2" | "gpt2" | "default" => byte_level(true),
+        "llama-bpe" | "llama3" => json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+                byte_level(false),
+            ],
+        }),
+        "qwen2" => json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+                byte_level(false),
+            ],
+        }),
+        other => {
+            return Err(WeightsError::unsupported(
+                path,
+                format!("tokenizer.ggml.pre \"{other}\": tunec rebuilds the pre-tokenizers smollm, gpt2/default, llama-bpe and qwen2"),
+            ))
+        }
+    })
+}
+
+/// Rebuilds `tokenizer.json` and `tokenizer_config.json` from the GGUF tokenizer metadata.
+pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<GgufTokenizer, WeightsError> {
+    let path = g.path();
+    let model = g.get_str("tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        return Err(WeightsError::unsupported(
+            path,
+            format!("tokenizer.ggml.model \"{model}\": tunec rebuilds byte-level BPE tokenizers (\"gpt2\") only"),
+        ));
+    }
+    let tokens = g.get_strings("tokenizer.ggml.tokens")?;
+    let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_i64()).collect::<Option<Vec<_>>>())
+            .filter(|t| t.len() == tokens.len())
+            .ok_or_else(|| {
+                WeightsError::format(
+                    path,
+                    format!("tokenizer.ggml.token_type is {}, expected {} integers", v.describe(), tokens.len()),
+                )
+            })?,
+        None => vec![1; tokens.len()],
+    };
+    let merges = g.get_strings("tokenizer.ggml.merges")?;
+    let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+
+    let mut vocab = Map::new();
+    for (id, tok) in tokens.iter().enumerate() {
+        if vocab.insert(tok.to_string(), json!(id)).is_some() {
+            return Err(WeightsError::format(
+                path,
+                format!("token {tok:?} appears twice in tokenizer.ggml.tokens (again at id {id})"),
+            ));
+        }
+    }
+    let merge_pairs = merges
+        .iter()
+        .map(|m| match m.split(' ').collect::<Vec<_>>().as_slice() {
+            [a, b] => Ok(json!([a, b])),
+            _ => Err(WeightsError::format(path, format!("merge {m:?} is not two tokens separated by one space"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let special_tokens: Vec<(u32, String)> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+        .map(|(id, _)| (id as u32, tokens[id].to_string()))
+        .collect();
+    let added_tokens: Vec<Value> = special_tokens
+        .iter()
+        .map(|(id, content)| {
+            json!({ "id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+                    "normalized": false, "special": true })
+        })
+        .collect();
+
+    let token_of = |key: &str| -> Result<Option<(u32, String)>, WeightsError> {
+        match g.get(key) {
+            None => Ok(None),
+            Some(v) => {
+                let id = v.as_u64().filter(|&i| (i as usize) < tokens.len()).ok_or_else(|| {
+                    WeightsError::format(
+                        path,
+                        format!("metadata `{key}` is {}, not a token id below {}", v.describe(), tokens.len()),
+                    )
+                })?;
+                Ok(Some((id as u32, tokens[id as usize].to_string())))
+            }
+        }
+    };
+    let bos = token_of("tokenizer.ggml.bos_token_id")?;
+    let eos = token_of("tokenizer.ggml.eos_token_id")?;
+    let pad = token_of("tokenizer.ggml.padding_token_id")?;
+    let unk = token_of("tokenizer.ggml.unknown_token_id")?;
+    let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+
+    let byte_level_post =
+        json!({ "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true });
+    let post_processor = match (&bos, add_bos) {
+        (Some((id, text)), true) => json!({
+            "type": "Sequence",
+            "processors": [
+                byte_level_post,
+                {
+                    "type": "TemplateProcessing",
+                    "single": [{ "SpecialToken": { "id": text, "type_id": 0 } }, { "Sequence": { "id": "A", "type_id": 0 } }],
+                    "pair": [
+                        { "SpecialToken": { "id": text, "type_id": 0 } }, { "Sequence": { "id": "A", "type_id": 0 } },
+                        { "SpecialToken": { "id": text, "type_id": 1 } }, { "Sequence": { "id": "B", "type_id": 1 } }
+                    ],
+                    "special_tokens": { text: { "id": text, "ids": [id], "tokens": [text] } }
+                }
+            ]
+        }),
+        _ => byte_level_post,
+    };
+
+    let tokenizer_json = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer(path, pre)?,
+        "post_processor": post_processor,
+        "decoder": { "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true },
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": null,
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": false,
+            "byte_fallback": false,
+            "ignore_merges": false,
+            "vocab": vocab,
+            "merges": merge_pairs,
+        },
+    });
+
+    let chat_template = g.get("tokenizer.chat_template").and_then(|v| v.as_str());
+    let mut decoder = Map::new();
+    for (id, content) in &special_tokens {
+        decoder.insert(
+            id.to_string(),
+            json!({ "content": content, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": true }),
+        );
+    }
+    let context_length = g
+        .get("general.architecture")
+        .and_then(|a| a.as_str())
+        .and_then(|arch| g.get(&format!("{arch}.context_length")))
+        .and_then(|v| v.as_u64());
+    let text = |t: &Option<(u32, String)>| t.as_ref().map(|(_, s)| s.clone());
+    let tokenizer_config = json!({
+        "add_bos_token": add_bos,
+        "add_eos_token": false,
+        "add_prefix_space": false,
+        "added_tokens_decoder": decoder,
+        "bos_token": text(&bos),
+        "eos_token": text(&eos),
+        "pad_token": text(&pad),
+        "unk_token": text(&unk),
+        "chat_template": chat_template,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": context_length,
+        "tokenizer_class": "GPT2Tokenizer",
+    });
+
+    Ok(GgufTokenizer {
+        tokenizer_json,
+        tokenizer_config,
+        vocab_size: tokens.len(),
+        merges: merges.len(),
+        special_tokens,
+        bos,
+        eos,
+        has_chat_template: chat_template.is_some(),
+    })
+}
+
+/// Loads a `tokenizer.json` with the `tokenizers` crate.
+pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, WeightsError> {
+    if !path.exists() {
+        return Err(WeightsError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json")));
+    }
+    tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| WeightsError::format(path, format!("cannot load the tokenizer: {e}")))
+}
+
+/// A chat template and the special tokens it may refer to (`tokenizer_config.json`).
+#[derive(Clone, Debug)]
+pub struct ChatTemplate {
+    pub source: String,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+}
+
+/// A special token in `tokenizer_config.json`: a string or an AddedToken object with `content`.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl ChatTemplate {
+    /// The template of a model directory: `chat_template.jinja` if present (transformers ≥ 4.43 may write it), else
+    /// `chat_template` of `tokenizer_config.json` (a string, or a list of named templates: "default" is used).
+    /// `None` when the directory has neither.
+    pub fn from_dir(dir: &Path) -> Result<Option<Self>, WeightsError> {
+        let config_path = dir.join("tokenizer_config.json");
+        let config = if config_path.exists() { Some(read_json(&config_path)?) } else { None };
+        let bos_token = config.as_ref().and_then(|c| token_text(c.get("bos_token")));
+        let eos_token = config.as_ref().and_then(|c| token_text(c.get("eos_token")));
+        let jinja = dir.join("chat_template.jinja");
+        let source = if jinja.exists() {
+            Some(std::fs::read_to_string(&jinja).map_err(|e| WeightsError::io(&jinja, e))?)
+        } else {
+            match config.as_ref().and_then(|c| c.get("chat_template")) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                _ => None,
+            }
+        };
+        Ok(source.map(|source| ChatTemplate { source, bos_token, eos_token }))
+    }
+
+    /// Renders `messages` (role, content) as transformers' `apply_chat_template(..., tokenize=False)` does.
+    pub fn render(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<String, String> {
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        let messages: Vec<Value> = messages.iter().map(|(r, c)| json!({ "role": r, "content": c })).collect();
+        let ctx = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        };
+        env.render_str(&self.source, ctx).map_err(|e| format!("cannot render the chat template: {e:#}"))
+    }
+}

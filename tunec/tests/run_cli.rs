@@ -1,0 +1,166 @@
+//! `tunec run` end to end on the tiny LoRA recipe (compiled on the fly for the cpu target), seeded random weights, a
+//! word-level tokenizer small enough for the tiny vocabulary, and a few alpaca records:
+//! - a run killed with SIGKILL after a checkpoint and resumed with `--resume` ends with the same adapter, byte for
+//!   byte, as an uninterrupted run;
+//! - a malformed record is reported with file, line and field, and `--skip-bad` skips and counts it;
+//! - the outputs a user looks at are there (metrics.jsonl, loss.svg, adapter/).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A word-level tokenizer (≤ 128 ids, the tiny recipe's vocabulary) with the special tokens the Alpaca template
+/// needs; unknown words map to `[UNK]`.
+fn tokenizer_dir(dir: &Path) {
+    let words = "below is an instruction that describes a task paired with input provides further context write \
+                 response appropriately completes the request give three tips for staying healthy eat balanced diet \
+                 exercise regularly sleep well translate phrase to french good morning bonjour what 2 4 1 3 # : . + ?";
+    let mut vocab = serde_json::Map::new();
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"];
+    for (i, s) in specials.iter().enumerate() {
+        vocab.insert(s.to_string(), i.into());
+    }
+    for w in words.split_whitespace() {
+        let n = vocab.len();
+        vocab.entry(w.to_string()).or_insert(n.into());
+        let cap = w[..1].to_uppercase() + &w[1..];
+        let n = vocab.len();
+        vocab.entry(cap).or_insert(n.into());
+    }
+    assert!(vocab.len() <= 128, "{} words", vocab.len());
+    let added: Vec<serde_json::Value> = specials[..3]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+                               "normalized": false, "special": true})
+        })
+        .collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok).unwrap()).unwrap();
+    let cfg = serde_json::json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": null});
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+}
+
+fn data(dir: &Path) -> PathBuf {
+    let p = dir.join("alpaca.jsonl");
+    let recs = [
+        r#"{"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat a balanced diet. 2. Exercise regularly. 3. Sleep well."}"#,
+        r#"{"instruction": "Translate the phrase to French.", "input": "Good morning", "output": "Bonjour"}"#,
+        r#"{"instruction": "What is 2 + 2?", "input": "", "output": "4"}"#,
+        r#"{"instruction": "Write a response.", "input": "", "output": "Good morning. Sleep well."}"#,
+        r#"{"instruction": "Give a tip.", "input": "", "output": "Exercise regularly."}"#,
+    ];
+    std::fs::write(&p, recs.join("\n") + "\n").unwrap();
+    p
+}
+
+fn tunec(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tunec"));
+    c.args(args);
+    c
+}
+
+/// The tiny recipe's rows are 8 tokens, shorter than the Alpaca prompt: the loss is taken on every token.
+fn run_args<'a>(data: &'a str, tok: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tiny.lora.rs");
+    vec![
+        "run",
+        recipe,
+        "--data",
+        data,
+        "--tokenizer",
+        tok,
+        "--random-weights",
+        "--out",
+        out,
+        "--steps",
+        steps,
+        "--save-every",
+        "2",
+        "--eval-split",
+        "1",
+        "--lr",
+        "1e-2",
+        "--threads",
+        "2",
+        "--quiet",
+        "--loss-on-all",
+    ]
+}
+
+#[test]
+fn a_run_killed_with_sigkill_and_resumed_ends_with_the_uninterrupted_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tok");
+    tokenizer_dir(&tok);
+    let data = data(dir.path());
+    let (d, t) = (data.to_str().unwrap(), tok.to_str().unwrap());
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+
+    let whole = tunec(&run_args(d, t, a.to_str().unwrap(), "40")).output().unwrap();
+    assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));
+    let stdout = String::from_utf8_lossy(&whole.stdout);
+    assert!(stdout.contains("eval loss before"), "{stdout}");
+    for f in ["metrics.jsonl", "loss.svg", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"] {
+        assert!(a.join(f).is_file(), "{f} missing");
+    }
+
+    // Kill the second run once it has written a checkpoint past step 4, then resume it.
+    let mut child =
+        tunec(&run_args(d, t, b.to_str().unwrap(), "40")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    let ck = |s: u64| b.join("checkpoints").join(format!("step-{s:07}.safetensors"));
+    while !ck(6).exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+    assert!(!b.join("adapter/adapter_model.safetensors").exists(), "killed before the end");
+    let mut resume = run_args(d, t, b.to_str().unwrap(), "40");
+    resume.push("--resume");
+    let resumed = tunec(&resume).output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
+    let read = |p: PathBuf| std::fs::read(p).unwrap();
+    assert!(
+        read(a.join("adapter/adapter_model.safetensors")) == read(b.join("adapter/adapter_model.safetensors")),
+        "the resumed run's adapter differs from the uninterrupted run's"
+    );
+}
+
+#[test]
+fn a_malformed_record_names_file_line_and_field_and_skip_bad_counts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tok");
+    tokenizer_dir(&tok);
+    let data = data(dir.path());
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text.push_str("{\"instruction\": \"Give a tip.\", \"input\": \"\", \"output\": 4}\n");
+    std::fs::write(&data, text).unwrap();
+    let out = dir.path().join("o");
+    let (d, t, o) = (data.to_str().unwrap(), tok.to_str().unwrap(), out.to_str().unwrap());
+    let bad = tunec(&run_args(d, t, o, "2")).output().unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("alpaca.jsonl:6") && err.contains("\"output\""), "{err}");
+    let mut args = run_args(d, t, o, "2");
+    args.push("--skip-bad");
+    let ok = tunec(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&ok.stderr);
+    assert!(ok.status.success(), "{err}");
+    assert!(err.contains("1 skipped as bad"), "{err}");
+    let _ = root();
+}
