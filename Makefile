@@ -18,6 +18,7 @@ build: setup
 
 test: setup
 	$(ENV)
+	scripts/fetch_assets.sh
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace

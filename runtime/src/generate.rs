@@ -156,7 +156,8 @@ impl Llama {
     }
 
     /// Runs `tokens` after the positions in `cache` (which it extends) and returns the logits: `[vocab]` of the last
-    /// token, or `[tokens, vocab]` of every token with `all_logits`.
+    /// token, or `[tokens, vocab]` of every token with `all_logits`. Ids past the vocabulary read the last
+    /// embedding row ([`Generator`] refuses them before they get here).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Vec<f32> {
         let c = &self.config;
         let (h, hd) = (c.hidden_size, c.head_dim);
@@ -229,23 +230,26 @@ impl Llama {
     fn linear(&self, x: &[f32], n: usize, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), n * cols);
         debug_assert_eq!(w.len(), rows * cols);
-        // yt: [rows, n], each thread fills a contiguous range of rows.
+        // yt: [rows, n], filled in chunks of CHUNK_ROWS rows that the threads take in turn (so a thread the OS
+        // preempts does not hold the others up, as fixed halves would).
+        const CHUNK_ROWS: usize = 64;
         let mut yt = vec![0f32; rows * n];
-        let threads = self.threads.min(rows.div_ceil(64)).max(1);
+        let threads = self.threads.min(rows.div_ceil(CHUNK_ROWS)).max(1);
         if threads == 1 {
             matmul_rows(x, n, w, cols, &mut yt);
         } else {
-            let per = rows.div_ceil(threads);
+            let chunks = std::sync::Mutex::new(yt.chunks_mut(CHUNK_ROWS * n).enumerate());
+            let work = || loop {
+                let next = chunks.lock().unwrap_or_else(|p| p.into_inner()).next();
+                let Some((i, out)) = next else { break };
+                let first = i * CHUNK_ROWS;
+                matmul_rows(x, n, &w[first * cols..(first + out.len() / n) * cols], cols, out);
+            };
             std::thread::scope(|s| {
-                let mut chunks = yt.chunks_mut(per * n).enumerate();
-                let first = chunks.next();
-                for (i, out) in chunks {
-                    let w = &w[i * per * cols..(i * per + out.len() / n) * cols];
-                    s.spawn(move || matmul_rows(x, n, w, cols, out));
+                for _ in 1..threads {
+                    s.spawn(work);
                 }
-                if let Some((_, out)) = first {
-                    matmul_rows(x, n, &w[..out.len() / n * cols], cols, out);
-                }
+                work();
             });
         }
         if n == 1 {
@@ -622,17 +626,22 @@ impl Generator {
         self.generate_ids(&self.encode(prompt, true)?, opts, on_text)
     }
 
-    /// Continues `prompt` (already formatted) for up to `opts.max_new_tokens` tokens, stopping at an EOS token.
-    /// `on_text` receives the text as it is produced (whole characters only).
-    pub fn generate(
+    /// Continues the tokens `ids` for up to `opts.max_new_tokens` tokens, stopping at an EOS token. `on_text`
+    /// receives the text as it is produced (whole characters only).
+    pub fn generate_ids(
         &self,
-        prompt: &str,
+        ids: &[u32],
         opts: &GenerateOptions,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation, GenerateError> {
-        let ids = self.encode(prompt)?;
         if ids.is_empty() {
             return Err(GenerateError::Tokenizer("the prompt encodes to no tokens".into()));
+        }
+        let vocab = self.model.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(GenerateError::Tokenizer(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab} (config.json vocab_size)"
+            )));
         }
         let context = self.model.config.max_position_embeddings;
         if ids.len() + opts.max_new_tokens > context {

@@ -1,6 +1,7 @@
 //! The `tunec` command line: compile recipes to IR and to plans (`-o plan.bin`), inspect plans, check the toolchain.
 
 mod bench;
+mod cmd_model;
 mod cmd_run;
 mod plan_source;
 
@@ -35,6 +36,9 @@ enum Command {
     /// Train: a plan (or recipe) on a data set, from an HF model directory; writes metrics, checkpoints and the
     /// PEFT adapter.
     Run(cmd_run::RunArgs),
+    Import(cmd_model::ImportArgs),
+    Generate(cmd_model::GenerateArgs),
+    Merge(cmd_model::MergeArgs),
     /// Time training steps of a plan (seeded random weights and tokens) on the cpu backend and/or the reference
     /// interpreter; prints a table and writes JSON.
     Bench {
@@ -120,6 +124,9 @@ fn main() -> ExitCode {
         Command::Inspect { plan } => inspect(&plan),
         Command::Doctor => doctor(),
         Command::Run(args) => cmd_run::run(&args),
+        Command::Import(args) => cmd_model::import(&args),
+        Command::Generate(args) => cmd_model::generate(&args),
+        Command::Merge(args) => cmd_model::merge(&args),
         Command::Bench { plan, backends, steps, warmup, threads, json, profile } => {
             bench::run(&plan, &backends, steps, warmup, threads, profile, json.as_deref())
         }
