@@ -15,16 +15,24 @@
 //!   be zeroed before the launch (`cuMemsetD32`): the kernel accumulates with `red.add.f32`.
 //!
 //! # Algorithms
-//! - Attention (flash style, no T×T matrix anywhere): per (batch, head, query row) an online softmax over the
-//!   visible keys (running max and sum, one key at a time), GQA (query head h reads kv head h / (H/KV)), masking as
-//!   the interpreter: key j is visible from row i iff their segment ids are equal and (j ≤ i when causal). On the GPU
-//!   one warp owns a query row, its lanes split the head dim, dot products are warp shuffles.
-//!   The backward recomputes the softmax per row: a first pass gives the row's max m, sum l and
-//!   D = Σ_j p_j·dp_j (online, like l), a second pass recomputes p_j = exp(s_j − m)/l and ds_j = p_j·(dp_j − D).
-//!   dq is per query row. dk and dv accumulate over every query row of every query head sharing the kv head: the
-//!   host partitions by (batch, kv head), so a thread owns whole dk/dv slabs; the GPU runs one block per (batch,
+//! - Attention (flash style, no T×T matrix anywhere): GQA (query head h reads kv head h / (H/KV)), masking as the
+//!   interpreter: key j is visible from row i iff their segment ids are equal and (j ≤ i when causal).
+//!   On the GPU, per (batch, head, query row) an online softmax over the visible keys (running max and sum, one key
+//!   at a time); one warp owns a query row, its lanes split the head dim, dot products are warp shuffles. The
+//!   backward recomputes the softmax per row: a first pass gives the row's max m, sum l and D = Σ_j p_j·dp_j (online,
+//!   like l), a second pass recomputes p_j = exp(s_j − m)/l and ds_j = p_j·(dp_j − D). dq is per query row. dk and dv
+//!   accumulate over every query row of every query head sharing the kv head: the GPU runs one block per (batch,
 //!   kv head), which zeroes the slab, then its warps take query rows and add with `red.add.f32` (no memset needed;
 //!   parallelism is B·KV blocks).
+//!   On the host, vectors of `gemm::host_vector_width` lanes: a thread's item is a (batch, head) — a (batch, kv
+//!   head) for dk and dv, so the thread owns the gradient's slab — and it first packs the kv head's Kᵀ (and Vᵀ) into a
+//!   malloc'ed scratch (once per kv head: consecutive heads share it). Then blocks of 8 query rows: the scores of a
+//!   vector of keys at a time (Σ_d q_d·Kᵀ[d, j..j+16] with AVX-512, the 8 rows register-blocked, masked to −∞), per
+//!   row the max m, p = exp(s − m) and l = Σ p in a row of scratch (passes over the block's ≤ T scores, no online
+//!   rescaling); the forward then forms o = Σ_j p_j·v_j / l with vectors over the head dim (v rows read in place).
+//!   The backward normalizes p, computes dp = dout·Vᵀ like the scores, D = Σ p·dp and ds = scale·p·(dp − D) in the
+//!   same scratch, then dq = Σ_j ds_j·k_j (as the forward's product), or accumulates dkᵀ += q·ds / dvᵀ += dout·p
+//!   (vectors over keys) into a transposed slab written out at the item's end.
 //! - RoPE: one thread per rotated pair; angles as HF (and the interpreter, f32 mode) compute them: inv_freq in f32
 //!   (baked in as a table computed by the same Rust expression), pos·inv_freq in f32; cos/sin of that f32 angle in
 //!   f64 (Cody–Waite reduction, fdlibm kernels) rounded to f32, the rotation in f64 rounded once.
@@ -36,18 +44,25 @@
 //!   of dh. (The `chunk` attribute is not needed by this schedule.)
 //!
 //! # Numerics
-//! f32 throughout (except RoPE, above), `exp`/`log` as the Cephes-style polynomials of `lower`. Labels and token ids
-//! must lie in range (or equal `ignore_index`), as the interpreter requires; out-of-range ones never read out of
-//! bounds (they read row 0 / write nothing).
+//! f32 throughout (except RoPE, above), `exp`/`log` as the Cephes-style polynomials of `lower` (host attention: the
+//! same `expf` on vectors, with fused multiply-adds). Labels and token ids must lie in range (or equal
+//! `ignore_index`), as the interpreter requires; out-of-range ones never read out of bounds (they read row 0 / write
+//! nothing).
 
+use inkwell::attributes::{Attribute, AttributeLoc};
 use inkwell::builder::Builder;
 use inkwell::context::Context;
 use inkwell::module::{Linkage, Module};
-use inkwell::values::{BasicValueEnum, FastMathFlags, FloatValue, FunctionValue, GlobalValue, IntValue, PointerValue};
+use inkwell::targets::TargetMachine;
+use inkwell::types::{BasicTypeEnum, FunctionType, VectorType};
+use inkwell::values::{
+    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FastMathFlags, FloatValue, FunctionValue, GlobalValue,
+    IntValue, PointerValue, VectorValue,
+};
 use inkwell::{AddressSpace, AtomicOrdering, FloatPredicate, IntPredicate};
 use ir::AttnArg;
 use kernels::nn::{Launch, NnKernel, NnOp, Team, NN_BLOCK_THREADS};
-use kernels::Sreg;
+use kernels::{KernelError, Sreg};
 
 use crate::emit::{kernel_fn, Emit, Kr, Red};
 pub use crate::lower::Flavor;
@@ -121,6 +136,17 @@ fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &NnKernel, flavor: F
         }
     }
     let lanes = if flavor == Flavor::Host { Team::Thread } else { launch.team };
+    if flavor == Flavor::Host && matches!(k.op, NnOp::Attention { .. }) {
+        // Its vector code is for this CPU (the JIT, too, compiles for the host only when the function says so).
+        let cpu = TargetMachine::get_host_cpu_name().to_string();
+        let features = TargetMachine::get_host_cpu_features().to_string();
+        func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-cpu", &cpu));
+        func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-features", &features));
+        // The loops are vectorized and register-blocked by hand: `optsize` keeps LLVM from unrolling and re-vectorizing
+        // them again, which would double the kernel's compile time for no measurable speed.
+        let optsize = Attribute::get_named_enum_kind_id("optsize");
+        func.add_attribute(AttributeLoc::Function, ctx.create_enum_attribute(optsize, 0));
+    }
     let mut g = Gen { ctx, module, b, func, flavor, bufs, lanes, partials, chunk, chunk_slot };
     match k.op.clone() {
         NnOp::Attention { .. } => g.attention(k, launch)?,
@@ -140,6 +166,50 @@ fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, k: &NnKernel, flavor: F
     }
     g.b.build_return(None)?;
     Ok(func)
+}
+
+/// Host attention: query rows per block (the register tile of the score and product loops).
+const HOST_ATTN_ROWS: usize = 8;
+
+/// Host attention: the op's sizes, the vector width and one thread's scratch (64-byte aligned regions).
+#[derive(Clone, Copy)]
+struct Ha<'ctx> {
+    a: Attn,
+    /// f32 lanes per vector.
+    vw: usize,
+    /// The sequence length and the head dim rounded up to `vw`.
+    tp: usize,
+    hdp: usize,
+    /// The row stride of the `[·][tp]` arrays: `tp` rounded up to an odd number of cache lines (a power-of-two stride
+    /// would map a column walk onto a few cache sets).
+    ld: usize,
+    /// Kᵀ, and Vᵀ for dq/dk: `[hd][ld]`, keys ≥ t zero.
+    kt: PointerValue<'ctx>,
+    vt: Option<PointerValue<'ctx>>,
+    /// Forward: V, dq: K, row-major `[t][hdp]` with the head-dim padding zero, where the head dim is no multiple of
+    /// `vw` (else the product reads the rows in place).
+    xp: Option<PointerValue<'ctx>>,
+    /// The block's scores, then p, then (dq, dk) ds: `[HOST_ATTN_ROWS][ld]`.
+    s: PointerValue<'ctx>,
+    /// dq, dk: the block's dp, `[HOST_ATTN_ROWS][ld]`.
+    dp: Option<PointerValue<'ctx>>,
+    /// The batch row's segment ids (i32), `[tp]`.
+    seg: PointerValue<'ctx>,
+    /// Per row of the block: a vector (running max, then Σ p·dp), `[HOST_ATTN_ROWS][vw]`; then (forward) l.
+    st: PointerValue<'ctx>,
+    /// Forward, dq with a head dim that is no multiple of `vw`: the block's output rows, `[HOST_ATTN_ROWS][hdp]`.
+    o: Option<PointerValue<'ctx>>,
+    /// dk, dv: the item's gradient, transposed, `[hd][ld]`.
+    acc: Option<PointerValue<'ctx>>,
+}
+
+/// One query row of a host attention block (the last block's extra rows repeat the last row).
+struct HostRow<'ctx> {
+    /// Its offset in q, dout and (forward, dq) the output.
+    qbase: Iv<'ctx>,
+    /// Its segment id and position (i32), in every lane.
+    seg: VectorValue<'ctx>,
+    i: VectorValue<'ctx>,
 }
 
 /// Sizes of one attention op.
@@ -498,6 +568,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             unreachable!("attention kernel")
         };
         let a = Attn { t: seq as u64, h: heads as u64, kv: kv_heads as u64, hd: head_dim, causal, scale, grad };
+        if self.flavor == Flavor::Host {
+            return self.attention_host(launch.host_items as u64, a);
+        }
         match grad {
             None | Some(AttnArg::Q) => {
                 // Items: (b, i, h) in row-major order, so a block's warps share the kv rows they read.
@@ -552,121 +625,570 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         Ok(())
     }
 
-    /// `buf[base + d] = f(buf[base + d], d)` for `d < n`, as a loop (vectorizable on the host).
-    fn row_update(
-        &mut self,
-        buf: usize,
-        base: Iv<'ctx>,
-        n: usize,
-        f: &dyn Fn(&mut Self, Fv<'ctx>, Iv<'ctx>) -> Kr<Fv<'ctx>>,
-    ) -> Kr<()> {
-        self.for_loop("row", self.i64c(0), self.i64c(n as u64), self.i64c(1), &[], &mut |g, d, _| {
-            let idx = g.iadd(base, d)?;
-            let old = g.ldf(buf, idx)?;
-            let new = f(g, old, d)?;
-            g.stf(buf, idx, new)?;
-            Ok(vec![])
+    // ---- host attention ---------------------------------------------------------------------------------------------
+
+    /// Host attention (see the module docs): items are (batch, head) for the forward and dq, (batch, kv head) for dk
+    /// and dv; each thread packs its item's K/V into a malloc'ed scratch, then takes the query rows in blocks of
+    /// [`HOST_ATTN_ROWS`] ([`Self::attn_block_host`]).
+    fn attention_host(&mut self, items: u64, a: Attn) -> Kr<()> {
+        let vw = crate::gemm::host_vector_width();
+        let (t, hd) = (a.t as usize, a.hd);
+        let (tp, hdp) = (t.next_multiple_of(vw), hd.next_multiple_of(vw));
+        let ld = (tp.div_ceil(16) | 1) * 16;
+        let per_head = matches!(a.grad, None | Some(AttnArg::Q));
+        let need_vt = matches!(a.grad, Some(AttnArg::Q | AttnArg::K));
+        let rn = HOST_ATTN_ROWS;
+        // Scratch regions (offsets in f32 elements), each on a 64-byte boundary.
+        let mut size = 0usize;
+        let mut region = |n: usize, want: bool| {
+            want.then(|| {
+                let o = size;
+                size += n.next_multiple_of(16);
+                o
+            })
+        };
+        let kt = region(hd * ld, true);
+        let vt = region(hd * ld, need_vt);
+        let xp = region(t * hdp, per_head && hd % vw != 0);
+        let s = region(rn * ld, true);
+        let dp = region(rn * ld, need_vt);
+        let seg = region(tp, true);
+        let st = region(rn * vw + rn, true);
+        let o = region(rn * hdp, per_head && hd % vw != 0);
+        let acc = region(hd * ld, !per_head);
+
+        let ptr_t = self.ctx.ptr_type(AddressSpace::default());
+        let i64t = self.ctx.i64_type();
+        let malloc = self.libc_fn("malloc", ptr_t.fn_type(&[i64t.into()], false));
+        let free = self.libc_fn("free", self.ctx.void_type().fn_type(&[ptr_t.into()], false));
+        let raw = self.call(malloc, &[self.i64c(4 * size as u64 + 64).into()])?.into_pointer_value();
+        let addr = self.b.build_ptr_to_int(raw, i64t, "")?;
+        let pad = self.b.build_and(self.b.build_int_neg(addr, "")?, self.i64c(63), "")?;
+        let base = self.gep(self.ctx.i8_type(), raw, pad)?;
+        let at = |g: &Self, off: Option<usize>| -> Kr<Option<PointerValue<'ctx>>> {
+            off.map(|o| g.gep(g.ctx.f32_type(), base, g.i64c(o as u64))).transpose()
+        };
+        let ha = Ha {
+            a,
+            vw,
+            tp,
+            hdp,
+            ld,
+            kt: at(self, kt)?.expect("kt"),
+            vt: at(self, vt)?,
+            xp: at(self, xp)?,
+            s: at(self, s)?.expect("s"),
+            dp: at(self, dp)?,
+            seg: at(self, seg)?.expect("seg"),
+            st: at(self, st)?.expect("st"),
+            o: at(self, o)?,
+            acc: at(self, acc)?,
+        };
+
+        let rep = a.h / a.kv;
+        let (start, end) = self.host_slice(self.i64c(items))?;
+        // The (batch, kv head) packed last: a thread's consecutive heads share their kv head.
+        let init = [self.i64c(u64::MAX).into()];
+        self.for_loop("item", start, end, self.i64c(1), &init, &mut |g, it, cur| {
+            let (bi, kvh, h0, nh) = if per_head {
+                let hi = g.uremc(it, a.h)?;
+                (g.udivc(it, a.h)?, g.udivc(hi, rep)?, hi, 1)
+            } else {
+                let kvh = g.uremc(it, a.kv)?;
+                (g.udivc(it, a.kv)?, kvh, g.imulc(kvh, rep)?, rep)
+            };
+            let key = g.iadd(g.imulc(bi, a.kv)?, kvh)?;
+            let stale = g.b.build_int_compare(IntPredicate::NE, key, cur[0].into_int_value(), "")?;
+            g.if_then(stale, &mut |g| g.attn_pack_host(&ha, bi, kvh))?;
+            // Offset of key 0's row of this (batch, kv head) in k and v.
+            let kvbase = g.imulc(g.iadd(g.imulc(bi, a.t * a.kv)?, kvh)?, a.hd as u64)?;
+            let h1 = g.iadd(h0, g.i64c(nh))?;
+            g.for_loop("head", h0, h1, g.i64c(1), &[], &mut |g, hi, _| {
+                let step = g.i64c(HOST_ATTN_ROWS as u64);
+                g.for_loop("qblk", g.i64c(0), g.i64c(a.t), step, &[], &mut |g, i0, _| {
+                    g.attn_block_host(&ha, bi, hi, kvbase, i0)?;
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+            if let Some(acc) = ha.acc {
+                // The accumulated dkᵀ / dvᵀ into this (batch, kv head)'s rows of the output.
+                let hd64 = a.hd as u64;
+                g.for_loop("st.j", g.i64c(0), g.i64c(a.t), g.i64c(1), &[], &mut |g, j, _| {
+                    let row = g.imulc(g.iadd(g.imulc(g.iadd(g.imulc(bi, a.t)?, j)?, a.kv)?, kvh)?, hd64)?;
+                    g.for_loop("st.d", g.i64c(0), g.i64c(hd64), g.i64c(1), &[], &mut |g, d, _| {
+                        let v = g.ld_f32(acc, g.iadd(g.imulc(d, ld as u64)?, j)?)?;
+                        g.stf(5, g.iadd(row, d)?, v)?;
+                        Ok(vec![])
+                    })?;
+                    Ok(vec![])
+                })?;
+            }
+            Ok(vec![key.into()])
         })?;
+        self.b.build_call(free, &[raw.into()], "")?;
         Ok(())
     }
 
-    /// The host's version of [`Self::attn_row`]: the same arithmetic in the same order, with the head vectors read
-    /// from memory and accumulated in the output row by loops over the head dimension (not unrolled into registers,
-    /// which would make LLVM spend seconds on each kernel for 128-wide heads).
-    fn attn_row_host(&mut self, a: Attn, bi: Iv<'ctx>, hi: Iv<'ctx>, i: Iv<'ctx>) -> Kr<()> {
-        let (dout_b, q_b, k_b, v_b, seg_b, out_b) = match a.grad {
-            None => (usize::MAX, 0, 1, 2, 3, 4),
-            Some(_) => (0, 1, 2, 3, 4, 5),
-        };
-        let hd = a.hd as u64;
-        let n = a.hd;
-        let rep = a.h / a.kv;
-        let bt_i = self.iadd(self.imulc(bi, a.t)?, i)?;
-        let qbase = self.imulc(self.iadd(self.imulc(bt_i, a.h)?, hi)?, hd)?;
-        let kvh = self.udivc(hi, rep)?;
-        let seg_i = self.ldi(seg_b, bt_i)?;
-        let end = if a.causal { self.iadd(i, self.i64c(1))? } else { self.i64c(a.t) };
-        let scale = self.f32c(a.scale);
-        let zero = self.f32c(0.0);
-        let need_dp = matches!(a.grad, Some(AttnArg::Q | AttnArg::K));
-        let key = |g: &mut Self, j: Iv<'ctx>| -> Kr<(Iv<'ctx>, Iv<'ctx>)> {
-            let bt_j = g.iadd(g.imulc(bi, a.t)?, j)?;
-            let seg_j = g.ldi(seg_b, bt_j)?;
-            let visible = g.b.build_int_compare(IntPredicate::EQ, seg_j, seg_i, "")?;
-            let kbase = g.imulc(g.iadd(g.imulc(bt_j, a.kv)?, kvh)?, hd)?;
-            Ok((visible, kbase))
-        };
-        if matches!(a.grad, None | Some(AttnArg::Q)) {
-            self.row_update(out_b, qbase, n, &|g, _, _| Ok(g.f32c(0.0)))?;
+    /// `name` from the C library (the host library is linked with `cc`), declared once per module.
+    fn libc_fn(&self, name: &str, ty: FunctionType<'ctx>) -> FunctionValue<'ctx> {
+        self.module.get_function(name).unwrap_or_else(|| self.module.add_function(name, ty, Some(Linkage::External)))
+    }
+
+    /// Packs (batch `bi`, kv head `kvh`): the segment ids, Kᵀ and Vᵀ (`[hd][ld]`, keys padded with zeros), K or V
+    /// row-major (`[t][hdp]`, the head dim padded with zeros) where needed; zeroes the dk/dv accumulator.
+    fn attn_pack_host(&mut self, ha: &Ha<'ctx>, bi: Iv<'ctx>, kvh: Iv<'ctx>) -> Kr<()> {
+        let a = ha.a;
+        let (k_b, v_b, seg_b) = if a.grad.is_none() { (1, 2, 3) } else { (2, 3, 4) };
+        let (tp, ld, hdp, hd) = (ha.tp as u64, ha.ld as u64, ha.hdp as u64, a.hd as u64);
+        // Row-major copy: V for the forward (p·V), K for dq (ds·K).
+        let xp = ha.xp.map(|p| (p, if a.grad.is_none() { v_b } else { k_b }));
+        let i32t = self.ctx.i32_type();
+        let (zero, one) = (self.i64c(0), self.i64c(1));
+        self.for_loop("pk.j", zero, self.i64c(a.t), one, &[], &mut |g, j, _| {
+            let bt = g.iadd(g.imulc(bi, a.t)?, j)?;
+            let sv = g.b.build_load(i32t, g.gep(i32t, g.bufs[seg_b], bt)?, "")?;
+            g.b.build_store(g.gep(i32t, ha.seg, j)?, sv)?;
+            let row = g.imulc(g.iadd(g.imulc(bt, a.kv)?, kvh)?, hd)?;
+            let jr = g.imulc(j, hdp)?;
+            g.for_loop("pk.d", g.i64c(0), g.i64c(hd), g.i64c(1), &[], &mut |g, d, _| {
+                let src = g.iadd(row, d)?;
+                let tix = g.iadd(g.imulc(d, ld)?, j)?;
+                g.st_f32(ha.kt, tix, g.ldf(k_b, src)?)?;
+                if let Some(vt) = ha.vt {
+                    g.st_f32(vt, tix, g.ldf(v_b, src)?)?;
+                }
+                if let Some((p, buf)) = xp {
+                    g.st_f32(p, g.iadd(jr, d)?, g.ldf(buf, src)?)?;
+                }
+                Ok(vec![])
+            })?;
+            if let (Some((p, _)), true) = (xp, hdp > hd) {
+                g.for_loop("pk.dz", g.i64c(hd), g.i64c(hdp), g.i64c(1), &[], &mut |g, d, _| {
+                    g.st_f32(p, g.iadd(jr, d)?, g.f32c(0.0))?;
+                    Ok(vec![])
+                })?;
+            }
+            Ok(vec![])
+        })?;
+        if tp > a.t {
+            self.for_loop("pk.jz", self.i64c(a.t), self.i64c(tp), one, &[], &mut |g, j, _| {
+                g.b.build_store(g.gep(i32t, ha.seg, j)?, g.i32c(0))?;
+                g.for_loop("pk.dz", g.i64c(0), g.i64c(hd), g.i64c(1), &[], &mut |g, d, _| {
+                    let tix = g.iadd(g.imulc(d, ld)?, j)?;
+                    g.st_f32(ha.kt, tix, g.f32c(0.0))?;
+                    if let Some(vt) = ha.vt {
+                        g.st_f32(vt, tix, g.f32c(0.0))?;
+                    }
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+        }
+        if let Some(acc) = ha.acc {
+            let zv = self.vty(ha.vw).const_zero();
+            let n = self.i64c(hd * ld);
+            self.for_loop("pk.z", zero, n, self.i64c(ha.vw as u64), &[], &mut |g, e, _| {
+                g.vstore(acc, e, zv, ha.vw)?;
+                Ok(vec![])
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Query rows `i0 .. i0 + HOST_ATTN_ROWS` of head `hi`, batch `bi` (clamped to the last row: an extra row repeats
+    /// it, stores the same values into its place and adds nothing to dk, dv): scores for `vw` keys at a time (vectors
+    /// over keys), softmax, then the kernel's product. `kvbase` is key 0's row of the kv head in k and v.
+    fn attn_block_host(&mut self, ha: &Ha<'ctx>, bi: Iv<'ctx>, hi: Iv<'ctx>, kvbase: Iv<'ctx>, i0: Iv<'ctx>) -> Kr<()> {
+        let a = ha.a;
+        let (dout_b, q_b, seg_b) = if a.grad.is_none() { (usize::MAX, 0, 3) } else { (0, 1, 4) };
+        let (rn, vw, tp, ld) = (HOST_ATTN_ROWS, ha.vw, ha.tp as u64, ha.ld as u64);
+        let i32t = self.ctx.i32_type();
+        let vt = self.vty(vw);
+        let last = self.i64c(a.t - 1);
+        let mut rows = Vec::with_capacity(rn);
+        for r in 0..rn {
+            let ir = self.iadd(i0, self.i64c(r as u64))?;
+            let i = self.umin(ir, last)?;
+            let bt = self.iadd(self.imulc(bi, a.t)?, i)?;
+            let qbase = self.imulc(self.iadd(self.imulc(bt, a.h)?, hi)?, a.hd as u64)?;
+            let seg = self.b.build_load(i32t, self.gep(i32t, self.bufs[seg_b], bt)?, "")?.into_int_value();
+            let i32v = self.b.build_int_truncate(i, i32t, "")?;
+            rows.push(HostRow { qbase, seg: self.splat(seg.into(), vw)?, i: self.splat(i32v.into(), vw)? });
+        }
+        let qbases: Vec<Iv> = rows.iter().map(|r| r.qbase).collect();
+        let kend =
+            if a.causal { self.umin(self.iadd(i0, self.i64c(rn as u64))?, self.i64c(a.t))? } else { self.i64c(a.t) };
+        let (zero, vstep) = (self.i64c(0), self.i64c(vw as u64));
+        let ninf = self.splat_c(f64::NEG_INFINITY, vw);
+        let vzero = vt.const_zero();
+        let srow = |g: &Self, r: usize, j0: Iv<'ctx>| g.iadd(g.i64c(r as u64 * ld), j0);
+
+        // Scores s = scale·q·k (masked to −∞), and each row's running max.
+        let iota = VectorType::const_vector(&(0..vw).map(|l| i32t.const_int(l as u64, false)).collect::<Vec<_>>());
+        let scale = self.splat_c(a.scale, vw);
+        let init: Vals = (0..rn).map(|_| ninf.into()).collect();
+        let mx = self.for_loop("sc", zero, kend, vstep, &init, &mut |g, j0, cur| {
+            let dots = g.attn_dots_host(ha, ha.kt, q_b, &qbases, j0)?;
+            let j32 = g.b.build_int_truncate(j0, i32t, "")?;
+            let jv = g.b.build_int_add(g.splat(j32.into(), vw)?, iota, "")?;
+            let segv = g.vload_ty(i32t.vec_type(vw as u32), ha.seg, j0, vw)?.into_vector_value();
+            let mut next = Vec::with_capacity(rn);
+            for (r, row) in rows.iter().enumerate() {
+                let s = g.b.build_float_mul(dots[r], scale, "")?;
+                let mut vis = g.b.build_int_compare(IntPredicate::EQ, segv, row.seg, "")?;
+                if a.causal {
+                    vis = g.b.build_and(vis, g.b.build_int_compare(IntPredicate::SLE, jv, row.i, "")?, "")?;
+                } else if tp > a.t {
+                    let t = g.splat(g.i32c(a.t as i64).into(), vw)?;
+                    vis = g.b.build_and(vis, g.b.build_int_compare(IntPredicate::SLT, jv, t, "")?, "")?;
+                }
+                let s = g.b.build_select(vis, s, ninf, "")?.into_vector_value();
+                g.vstore(ha.s, srow(g, r, j0)?, s, vw)?;
+                let cur = cur[r].into_vector_value();
+                let gt = g.b.build_float_compare(FloatPredicate::OGT, s, cur, "")?;
+                next.push(g.b.build_select(gt, s, cur, "")?);
+            }
+            Ok(next)
+        })?;
+        for (r, v) in mx.iter().enumerate() {
+            self.vstore(ha.st, self.i64c((r * vw) as u64), v.into_vector_value(), vw)?;
         }
 
-        // Pass 1: running max m, sum l, and (forward) Σ p·v in the output row, or (dq, dk) Σ p·dp.
-        let mut init: Vals = vec![self.f32c(f64::NEG_INFINITY).into(), zero.into()];
-        if need_dp {
-            init.push(zero.into());
+        // Row by row: p = exp(s − m) (0 where masked) in place, its sum l; the backward normalizes p (dk, dv: to 0 in the
+        // clamped extra rows, so they add nothing); the forward keeps l for the end.
+        let lrow = self.i64c((rn * vw) as u64);
+        let bwd = a.grad.is_some();
+        self.for_loop("sm", zero, self.i64c(rn as u64), self.i64c(1), &[], &mut |g, r, _| {
+            let sr = g.imulc(r, ld)?;
+            let mx = g.vload(ha.st, g.imulc(r, vw as u64)?, vw)?;
+            let m = g.splat(g.vreduce(Red::Max, mx)?.into(), vw)?;
+            let ls = g.for_loop("ex", zero, kend, vstep, &[vzero.into()], &mut |g, j0, cur| {
+                let ix = g.iadd(sr, j0)?;
+                let s = g.vload(ha.s, ix, vw)?;
+                let p = g.vexp(g.b.build_float_sub(s, m, "")?)?;
+                let dead = g.b.build_float_compare(FloatPredicate::OEQ, s, ninf, "")?;
+                let p = g.b.build_select(dead, vzero, p, "")?.into_vector_value();
+                g.vstore(ha.s, ix, p, vw)?;
+                Ok(vec![g.b.build_float_add(cur[0].into_vector_value(), p, "")?.into()])
+            })?;
+            let l = g.vreduce(Red::Sum, ls[0].into_vector_value())?;
+            if !bwd {
+                g.st_f32(ha.st, g.iadd(lrow, r)?, l)?;
+                return Ok(vec![]);
+            }
+            let mut w = g.div(g.f32c(1.0), l)?;
+            if a.grad != Some(AttnArg::Q) {
+                let valid = g.b.build_int_compare(IntPredicate::ULT, g.iadd(i0, r)?, g.i64c(a.t), "")?;
+                w = g.select_f(valid, w, g.f32c(0.0))?;
+            }
+            let w = g.splat(w.into(), vw)?;
+            g.for_loop("nm", zero, kend, vstep, &[], &mut |g, j0, _| {
+                let ix = g.iadd(sr, j0)?;
+                g.vstore(ha.s, ix, g.b.build_float_mul(g.vload(ha.s, ix, vw)?, w, "")?, vw)?;
+                Ok(vec![])
+            })?;
+            Ok(vec![])
+        })?;
+
+        if !bwd {
+            // o = (Σ_j p_j·v_j) / l.
+            return self.attn_pv_host(ha, &qbases, kvbase, kend, &|g, r, acc| {
+                let l = g.ld_f32(ha.st, g.i64c((rn * vw + r) as u64))?;
+                Ok(g.b.build_float_div(acc, g.splat(l.into(), vw)?, "")?)
+            });
         }
-        let stats = self.for_loop("key", self.i64c(0), end, self.i64c(1), &init, &mut |g, j, cur| {
-            let (visible, kbase) = key(g, j)?;
-            g.if_else(visible, cur, &mut |g| {
-                let qk = g.dot_serial(q_b, qbase, k_b, kbase, n)?;
-                let s = g.mul(scale, qk)?;
-                let (m, l) = (cur[0].into_float_value(), cur[1].into_float_value());
-                let m_new = g.fmax(m, s)?;
-                let alpha = g.exp(g.sub(m, m_new)?)?;
-                let p = g.exp(g.sub(s, m_new)?)?;
-                let mut next: Vals = vec![m_new.into(), g.add(g.mul(l, alpha)?, p)?.into()];
-                if a.grad.is_none() {
-                    g.row_update(out_b, qbase, n, &|g, acc, d| {
-                        let v = g.ldf(v_b, g.iadd(kbase, d)?)?;
-                        g.add(g.mul(acc, alpha)?, g.mul(p, v)?)
-                    })?;
-                } else if need_dp {
-                    let dp = g.dot_serial(dout_b, qbase, v_b, kbase, n)?;
-                    next.push(g.add(g.mul(cur[2].into_float_value(), alpha)?, g.mul(p, dp)?)?.into());
+        if a.grad == Some(AttnArg::V) {
+            // dvᵀ[d, j] += Σ_r dout_r[d]·p_rj.
+            return self.attn_acc_host(ha, kend, dout_b, &qbases, &|g, r, j0| g.vload(ha.s, srow(g, r, j0)?, vw));
+        }
+
+        // dp = dout·v (vectors over keys), D = Σ_j p_j·dp_j, then ds = scale·p·(dp − D) in place of p.
+        let (vtp, dpp) = (ha.vt.expect("vᵀ"), ha.dp.expect("dp scratch"));
+        let init: Vals = (0..rn).map(|_| vzero.into()).collect();
+        let dsum = self.for_loop("dp", zero, kend, vstep, &init, &mut |g, j0, cur| {
+            let dots = g.attn_dots_host(ha, vtp, dout_b, &qbases, j0)?;
+            let mut next = Vec::with_capacity(rn);
+            for (r, &dp) in dots.iter().enumerate() {
+                let ix = srow(g, r, j0)?;
+                g.vstore(dpp, ix, dp, vw)?;
+                let p = g.vload(ha.s, ix, vw)?;
+                next.push(g.b.build_float_add(cur[r].into_vector_value(), g.b.build_float_mul(p, dp, "")?, "")?.into());
+            }
+            Ok(next)
+        })?;
+        for (r, v) in dsum.iter().enumerate() {
+            self.vstore(ha.st, self.i64c((r * vw) as u64), v.into_vector_value(), vw)?;
+        }
+        self.for_loop("ds", zero, self.i64c(rn as u64), self.i64c(1), &[], &mut |g, r, _| {
+            let sr = g.imulc(r, ld)?;
+            let dsum = g.splat(g.vreduce(Red::Sum, g.vload(ha.st, g.imulc(r, vw as u64)?, vw)?)?.into(), vw)?;
+            g.for_loop("ds.j", zero, kend, vstep, &[], &mut |g, j0, _| {
+                let ix = g.iadd(sr, j0)?;
+                let p = g.vload(ha.s, ix, vw)?;
+                let dp = g.vload(dpp, ix, vw)?;
+                let pd = g.b.build_float_mul(p, g.b.build_float_sub(dp, dsum, "")?, "")?;
+                g.vstore(ha.s, ix, g.b.build_float_mul(scale, pd, "")?, vw)?;
+                Ok(vec![])
+            })?;
+            Ok(vec![])
+        })?;
+        match a.grad {
+            // dq = Σ_j ds_j·k_j.
+            Some(AttnArg::Q) => self.attn_pv_host(ha, &qbases, kvbase, kend, &|_, _, acc| Ok(acc)),
+            // dkᵀ[d, j] += Σ_r q_r[d]·ds_rj.
+            _ => self.attn_acc_host(ha, kend, q_b, &qbases, &|g, r, j0| g.vload(ha.s, srow(g, r, j0)?, vw)),
+        }
+    }
+
+    /// Per row r of the block: Σ_d x[qbase_r + d]·xᵀ[d, j0 .. j0 + vw] (x: buffer `xb`, xᵀ a packed `[hd][ld]`).
+    fn attn_dots_host(
+        &mut self,
+        ha: &Ha<'ctx>,
+        xt: PointerValue<'ctx>,
+        xb: usize,
+        qbases: &[Iv<'ctx>],
+        j0: Iv<'ctx>,
+    ) -> Kr<Vec<VectorValue<'ctx>>> {
+        let vw = ha.vw;
+        let vt = self.vty(vw);
+        let fma = self.intrinsic("llvm.fma", &[vt.into()])?;
+        let init: Vals = qbases.iter().map(|_| vt.const_zero().into()).collect();
+        let hd = self.i64c(ha.a.hd as u64);
+        let acc = self.for_loop("dot", self.i64c(0), hd, self.i64c(1), &init, &mut |g, d, cur| {
+            let kv = g.vload(xt, g.iadd(g.imulc(d, ha.ld as u64)?, j0)?, vw)?;
+            let mut next = Vec::with_capacity(cur.len());
+            for (&qb, c) in qbases.iter().zip(cur) {
+                let x = g.splat(g.ldf(xb, g.iadd(qb, d)?)?.into(), vw)?;
+                next.push(g.call(fma, &[x.into(), kv.into(), (*c).into()])?);
+            }
+            Ok(next)
+        })?;
+        Ok(acc.into_iter().map(|v| v.into_vector_value()).collect())
+    }
+
+    /// Forward and dq: out_r = finish(Σ_{j < kend} c_rj·x_j) for the block's rows, with c the block's scratch rows
+    /// (p or ds) and x the packed row-major K or V; vectors over the head dim (two at a time where they pair up),
+    /// stored straight into the output rows (a clamped extra row repeats the last row's values into its place), or
+    /// through the `o` tile where the head dim is no multiple of the vector.
+    fn attn_pv_host(
+        &mut self,
+        ha: &Ha<'ctx>,
+        qbases: &[Iv<'ctx>],
+        kvbase: Iv<'ctx>,
+        kend: Iv<'ctx>,
+        finish: &dyn Fn(&Self, usize, VectorValue<'ctx>) -> Kr<VectorValue<'ctx>>,
+    ) -> Kr<()> {
+        let a = ha.a;
+        // Forward: p·V (v is buffer 2); dq: ds·K (k is buffer 2 of the backward).
+        let out_b = if a.grad.is_none() { 4 } else { 5 };
+        let (rn, vw, ld, hdp) = (HOST_ATTN_ROWS, ha.vw, ha.ld as u64, ha.hdp as u64);
+        // x_j: the packed row (padded head dim) or the row of k / v in place (then every vector is inside the row).
+        let (xp, xstride, xalign) = match ha.xp {
+            Some(p) => (p, hdp, 4 * vw as u32),
+            None => (self.gep(self.ctx.f32_type(), self.bufs[2], kvbase)?, a.kv * a.hd as u64, 4),
+        };
+        let tile = if a.hd % vw == 0 { None } else { Some(ha.o.expect("o tile")) };
+        let nvd = ha.hdp / vw;
+        let dc = if vw >= 16 && nvd % 2 == 0 { 2 } else { 1 };
+        let vt = self.vty(vw);
+        let fma = self.intrinsic("llvm.fma", &[vt.into()])?;
+        let one = self.i64c(1);
+        self.for_loop("pv.c", self.i64c(0), self.i64c(hdp), self.i64c((dc * vw) as u64), &[], &mut |g, c0, _| {
+            let init: Vals = (0..rn * dc).map(|_| vt.const_zero().into()).collect();
+            let acc = g.for_loop("pv.j", g.i64c(0), kend, one, &init, &mut |g, j, cur| {
+                let xrow = g.iadd(g.imulc(j, xstride)?, c0)?;
+                let mut xv = Vec::with_capacity(dc);
+                for c in 0..dc {
+                    let p = g.gep(g.ctx.f32_type(), xp, g.iadd(xrow, g.i64c((c * vw) as u64))?)?;
+                    let v = g.b.build_load(vt, p, "")?;
+                    v.as_instruction_value()
+                        .expect("load")
+                        .set_alignment(xalign)
+                        .map_err(|_| KernelError::MissingIntrinsic("align"))?;
+                    xv.push(v.into_vector_value());
+                }
+                let mut next = Vec::with_capacity(cur.len());
+                for r in 0..rn {
+                    let p = g.ld_f32(ha.s, g.iadd(g.i64c(r as u64 * ld), j)?)?;
+                    let pb = g.splat(p.into(), vw)?;
+                    for (c, x) in xv.iter().enumerate() {
+                        next.push(g.call(fma, &[pb.into(), (*x).into(), cur[r * dc + c].into()])?);
+                    }
                 }
                 Ok(next)
-            })
-        })?;
-        let (m, l) = (stats[0].into_float_value(), stats[1].into_float_value());
-        if a.grad.is_none() {
-            return self.row_update(out_b, qbase, n, &|g, acc, _| g.div(acc, l));
-        }
-        let dsum = if need_dp { self.div(stats[2].into_float_value(), l)? } else { zero };
-
-        // Pass 2: p = exp(s − m)/l, ds = p·(dp − D); dq accumulates in its row, dk/dv in the kv rows.
-        self.for_loop("key2", self.i64c(0), end, self.i64c(1), &[], &mut |g, j, _| {
-            let (visible, kbase) = key(g, j)?;
-            g.if_then(visible, &mut |g| {
-                let qk = g.dot_serial(q_b, qbase, k_b, kbase, n)?;
-                let s = g.mul(scale, qk)?;
-                let p = g.div(g.exp(g.sub(s, m)?)?, l)?;
-                if a.grad == Some(AttnArg::V) {
-                    return g.row_update(out_b, kbase, n, &|g, acc, d| {
-                        let x = g.ldf(dout_b, g.iadd(qbase, d)?)?;
-                        g.add(acc, g.mul(p, x)?)
-                    });
+            })?;
+            for (r, &qb) in qbases.iter().enumerate() {
+                for c in 0..dc {
+                    let v = finish(g, r, acc[r * dc + c].into_vector_value())?;
+                    let col = g.iadd(c0, g.i64c((c * vw) as u64))?;
+                    match tile {
+                        Some(o) => g.vstore(o, g.iadd(g.i64c(r as u64 * hdp), col)?, v, vw)?,
+                        None => {
+                            let p = g.gep(g.ctx.f32_type(), g.bufs[out_b], g.iadd(qb, col)?)?;
+                            let st = g.b.build_store(p, v)?;
+                            st.set_alignment(4).map_err(|_| KernelError::MissingIntrinsic("align"))?;
+                        }
+                    }
                 }
-                let dp = g.dot_serial(dout_b, qbase, v_b, kbase, n)?;
-                let sds = g.mul(scale, g.mul(p, g.sub(dp, dsum)?)?)?;
-                let (dst, src, other) = match a.grad {
-                    Some(AttnArg::K) => (kbase, q_b, qbase),
-                    _ => (qbase, k_b, kbase),
-                };
-                g.row_update(out_b, dst, n, &|g, acc, d| {
-                    let x = g.ldf(src, g.iadd(other, d)?)?;
-                    g.add(acc, g.mul(sds, x)?)
-                })
+            }
+            Ok(vec![])
+        })?;
+        if let Some(o) = tile {
+            for (r, &qb) in qbases.iter().enumerate() {
+                let hd = self.i64c(a.hd as u64);
+                self.for_loop("pv.d", self.i64c(0), hd, one, &[], &mut |g, d, _| {
+                    let v = g.ld_f32(o, g.iadd(g.i64c(r as u64 * hdp), d)?)?;
+                    g.stf(out_b, g.iadd(qb, d)?, v)?;
+                    Ok(vec![])
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// dk and dv: accᵀ[d, j] += Σ_r x[qbase_r + d]·coef(r, j) for keys j < kend (16 at a time), x = q or dout.
+    fn attn_acc_host(
+        &mut self,
+        ha: &Ha<'ctx>,
+        kend: Iv<'ctx>,
+        xb: usize,
+        qbases: &[Iv<'ctx>],
+        coef: &dyn Fn(&Self, usize, Iv<'ctx>) -> Kr<VectorValue<'ctx>>,
+    ) -> Kr<()> {
+        let (vw, ld) = (ha.vw, ha.ld as u64);
+        let acc = ha.acc.expect("dk/dv accumulator");
+        let vt = self.vty(vw);
+        let fma = self.intrinsic("llvm.fma", &[vt.into()])?;
+        let hd = self.i64c(ha.a.hd as u64);
+        self.for_loop("acc", self.i64c(0), kend, self.i64c(vw as u64), &[], &mut |g, j0, _| {
+            let cv = (0..qbases.len()).map(|r| coef(g, r, j0)).collect::<Kr<Vec<_>>>()?;
+            g.for_loop("acc.d", g.i64c(0), hd, g.i64c(1), &[], &mut |g, d, _| {
+                let ix = g.iadd(g.imulc(d, ld)?, j0)?;
+                let mut v = g.vload(acc, ix, vw)?;
+                for (&qb, c) in qbases.iter().zip(&cv) {
+                    let x = g.splat(g.ldf(xb, g.iadd(qb, d)?)?.into(), vw)?;
+                    v = g.call(fma, &[x.into(), (*c).into(), v.into()])?.into_vector_value();
+                }
+                g.vstore(acc, ix, v, vw)?;
+                Ok(vec![])
             })?;
             Ok(vec![])
         })?;
         Ok(())
     }
 
+    // ---- host vectors -------------------------------------------------------------------------------------------------
+
+    fn vty(&self, vw: usize) -> VectorType<'ctx> {
+        self.ctx.f32_type().vec_type(vw as u32)
+    }
+
+    /// `x` in every one of `vw` lanes.
+    fn splat(&self, x: BasicValueEnum<'ctx>, vw: usize) -> Kr<VectorValue<'ctx>> {
+        let vt = match x.get_type() {
+            BasicTypeEnum::FloatType(t) => t.vec_type(vw as u32),
+            BasicTypeEnum::IntType(t) => t.vec_type(vw as u32),
+            other => unreachable!("splat of a {other:?}"),
+        };
+        let ins = self.b.build_insert_element(vt.get_poison(), x, self.ctx.i32_type().const_zero(), "")?;
+        let mask = self.ctx.i32_type().vec_type(vw as u32).const_zero();
+        Ok(self.b.build_shuffle_vector(ins, vt.get_poison(), mask, "")?)
+    }
+
+    fn splat_c(&self, v: f64, vw: usize) -> VectorValue<'ctx> {
+        VectorType::const_vector(&vec![self.f32c(v); vw])
+    }
+
+    /// The vector of type `ty` at `p[i]` (elements of `ty`'s element type), aligned to its size.
+    fn vload_ty(
+        &self,
+        ty: VectorType<'ctx>,
+        p: PointerValue<'ctx>,
+        i: Iv<'ctx>,
+        vw: usize,
+    ) -> Kr<BasicValueEnum<'ctx>> {
+        let v = self.b.build_load(ty, self.gep(ty.get_element_type(), p, i)?, "")?;
+        v.as_instruction_value()
+            .expect("load")
+            .set_alignment(4 * vw as u32)
+            .map_err(|_| KernelError::MissingIntrinsic("align"))?;
+        Ok(v)
+    }
+
+    fn vload(&self, p: PointerValue<'ctx>, i: Iv<'ctx>, vw: usize) -> Kr<VectorValue<'ctx>> {
+        Ok(self.vload_ty(self.vty(vw), p, i, vw)?.into_vector_value())
+    }
+
+    fn vstore(&self, p: PointerValue<'ctx>, i: Iv<'ctx>, v: VectorValue<'ctx>, vw: usize) -> Kr<()> {
+        let st = self.b.build_store(self.gep(self.ctx.f32_type(), p, i)?, v)?;
+        st.set_alignment(4 * vw as u32).map_err(|_| KernelError::MissingIntrinsic("align"))?;
+        Ok(())
+    }
+
+    /// `llvm.<name>` on vectors of `args[0]`'s type.
+    fn vcall(&self, name: &'static str, args: &[VectorValue<'ctx>]) -> Kr<VectorValue<'ctx>> {
+        let f = self.intrinsic(name, &[args[0].get_type().into()])?;
+        let args: Vec<BasicMetadataValueEnum> = args.iter().map(|&a| a.into()).collect();
+        Ok(self.call(f, &args)?.into_vector_value())
+    }
+
+    /// The maximum (`llvm.maxnum`) or the sum of `v`'s lanes, by halving: a few shuffles, not a serial chain.
+    fn vreduce(&self, k: Red, mut v: VectorValue<'ctx>) -> Kr<Fv<'ctx>> {
+        let i32t = self.ctx.i32_type();
+        let mut w = v.get_type().get_size();
+        while w > 1 {
+            w /= 2;
+            let half = |from: u32| {
+                VectorType::const_vector(&(from..from + w).map(|l| i32t.const_int(l as u64, false)).collect::<Vec<_>>())
+            };
+            let lo = self.b.build_shuffle_vector(v, v.get_type().get_poison(), half(0), "")?;
+            let hi = self.b.build_shuffle_vector(v, v.get_type().get_poison(), half(w), "")?;
+            v = match k {
+                Red::Max => self.vcall("llvm.maxnum", &[lo, hi])?,
+                Red::Sum => self.b.build_float_add(lo, hi, "")?,
+            };
+        }
+        Ok(self.b.build_extract_element(v, i32t.const_zero(), "")?.into_float_value())
+    }
+
+    /// eˣ lane by lane: [`Emit::exp`]'s Cephes `expf` (the same reduction, polynomial and scaling, and NaN stays
+    /// NaN), with fused multiply-adds and the clamps as compare-and-select (one instruction each on x86).
+    fn vexp(&self, x: VectorValue<'ctx>) -> Kr<VectorValue<'ctx>> {
+        let b = &self.b;
+        let vw = x.get_type().get_size() as usize;
+        let c = |v: f64| self.splat_c(v, vw);
+        let i32t = self.ctx.i32_type();
+        let iv = i32t.vec_type(vw as u32);
+        let ci = |v: u64| VectorType::const_vector(&vec![i32t.const_int(v, false); vw]);
+        let fma =
+            |a: VectorValue<'ctx>, m: VectorValue<'ctx>, acc: VectorValue<'ctx>| self.vcall("llvm.fma", &[a, m, acc]);
+        let lo = b.build_float_compare(FloatPredicate::OLT, x, c(-104.0), "")?;
+        let clamped = b.build_select(lo, c(-104.0), x, "")?.into_vector_value();
+        let hi = b.build_float_compare(FloatPredicate::OGT, clamped, c(89.0), "")?;
+        let clamped = b.build_select(hi, c(89.0), clamped, "")?.into_vector_value();
+        let n = self.vcall("llvm.rint", &[b.build_float_mul(clamped, c(std::f64::consts::LOG2_E), "")?])?;
+        let r = fma(n, c(-0.693359375), clamped)?;
+        let r = fma(n, c(2.12194440e-4), r)?;
+        let mut p = c(1.9875691500e-4);
+        for k in [1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1] {
+            p = fma(p, r, c(k))?;
+        }
+        let y = b.build_float_add(fma(p, b.build_float_mul(r, r, "")?, r)?, c(1.0), "")?;
+        let ni = b.build_float_to_signed_int(n, iv, "")?;
+        let n1 = b.build_right_shift(ni, ci(1), true, "")?;
+        let n2 = b.build_int_sub(ni, n1, "")?;
+        let pow2 = |k: VectorValue<'ctx>| -> Kr<VectorValue<'ctx>> {
+            let bits = b.build_left_shift(b.build_int_add(k, ci(127), "")?, ci(23), "")?;
+            Ok(b.build_bit_cast(bits, x.get_type(), "")?.into_vector_value())
+        };
+        let scaled = b.build_float_mul(b.build_float_mul(y, pow2(n1)?, "")?, pow2(n2)?, "")?;
+        let nan = b.build_float_compare(FloatPredicate::UNO, x, x, "")?;
+        Ok(b.build_select(nan, x, scaled, "")?.into_vector_value())
+    }
+
     /// One query row (batch `bi`, head `hi`, position `i`) of attention or of one of its gradients.
     fn attn_row(&mut self, a: Attn, bi: Iv<'ctx>, hi: Iv<'ctx>, i: Iv<'ctx>) -> Kr<()> {
-        if self.flavor == Flavor::Host {
-            return self.attn_row_host(a, bi, hi, i);
-        }
         // Buffers: forward (q, k, v, seg, out); backward (dout, q, k, v, seg, out).
         let (dout_b, q_b, k_b, v_b, seg_b, out_b) = match a.grad {
             None => (usize::MAX, 0, 1, 2, 3, 4),

@@ -3,8 +3,8 @@
 //! Each test builds a one-op graph on random inputs, runs the interpreter (f32 mode), JIT-compiles the host function,
 //! runs it as 2 threads (tid 0 then 1) on the same inputs and compares the output within `atol + rtol·|ref|`; then
 //! assembles the NVPTX kernel with ptxas for sm_80 and sm_90 and prints its registers and spills. Sizes cover odd and
-//! even lengths (seq 3, 50, 131; vocab 50, 783; head dims 16 and 64; GQA 4 query heads over 2 kv heads), two packed
-//! examples per row of segment ids, and labels with ignored (-100) rows.
+//! even lengths (seq 3, 19, 37, 50, 131; vocab 50, 783; head dims 12, 16, 20 and 64; GQA 4 query heads over 2 kv heads
+//! and 6 over 2), two packed examples per row of segment ids, and labels with ignored (-100) rows.
 
 use codegen::inkwell::context::Context;
 use codegen::inkwell::OptimizationLevel;
@@ -142,12 +142,15 @@ impl Case {
 }
 
 /// (batch, seq, heads, kv heads, head dim, causal, packed segments)
-const ATTENTION_SHAPES: [(usize, usize, usize, usize, usize, bool, bool); 5] = [
+const ATTENTION_SHAPES: [(usize, usize, usize, usize, usize, bool, bool); 7] = [
     (1, 3, 4, 2, 16, true, false),
     (2, 50, 4, 2, 64, true, true),
     (1, 131, 4, 2, 16, true, true),
     (1, 50, 2, 2, 64, false, true),
     (2, 3, 2, 1, 16, false, false),
+    // Head dims that are no multiple of a vector (host: 8 or 16 lanes), GQA 3 query heads per kv head.
+    (1, 37, 6, 2, 20, true, true),
+    (2, 19, 3, 1, 12, false, true),
 ];
 
 #[test]

@@ -221,8 +221,12 @@ impl NnKernel {
         };
         let grid = items.div_ceil(per_block).clamp(1, 65_535) as u32;
         // The host partitions embedding_bwd by vocabulary rows (each thread owns its rows), so it needs no atomics.
+        // Host attention takes a whole (batch, head) per item, or (batch, kv head) for dk and dv (whose thread then
+        // owns the gradient's slab).
         let host_items = match self.op {
             NnOp::EmbeddingBwd { vocab, .. } => vocab,
+            NnOp::Attention { batch, heads, grad: None | Some(AttnArg::Q), .. } => batch * heads,
+            NnOp::Attention { batch, kv_heads, .. } => batch * kv_heads,
             _ => items,
         };
         Launch { host_items, items, team, grid, zero_output_host: zero_host, zero_output_gpu: zero_gpu }
