@@ -1321,26 +1321,24 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let half = (hd / 2) as u64;
         let table = self.inv_freq_table(hd, theta);
         let arr = self.ctx.f32_type().array_type(half as u32);
-        self.for_items(rows as u64 * half, &[], &mut |g, it, _| {
-            let j = g.uremc(it, half)?;
-            let row = g.udivc(it, half)?;
-            let bt = g.udivc(row, heads as u64)?;
-            let pos = g.ldi(1, bt)?;
+        let f64t = self.ctx.f64_type();
+        // (cos, sin) of position `pos` at frequency `j`, rounded to f32 as the interpreter does, back in f64.
+        let cos_sin = |g: &mut Self, pos: Iv<'ctx>, j: Iv<'ctx>| -> Kr<(Fv<'ctx>, Fv<'ctx>)> {
             let posf = g.b.build_signed_int_to_float(pos, g.ctx.f32_type(), "")?;
             // SAFETY: j < hd/2, the table's length.
             let slot = unsafe { g.b.build_in_bounds_gep(arr, table, &[g.i64c(0), j], "")? };
             let inv = g.b.build_load(g.ctx.f32_type(), slot, "")?.into_float_value();
             let angle = g.mul(posf, inv)?;
-            let f64t = g.ctx.f64_type();
             let (sin, cos) = g.sincos(g.b.build_float_ext(angle, f64t, "")?)?;
-            // Round cos and sin to f32 (as the interpreter does), then rotate in f64 and round once.
             let round = |g: &Self, v: Fv<'ctx>| -> Kr<Fv<'ctx>> {
                 let v = g.b.build_float_trunc(v, g.ctx.f32_type(), "")?;
                 Ok(g.b.build_float_ext(v, f64t, "")?)
             };
-            let c = round(g, cos)?;
-            let s = round(g, sin)?;
-            let s = if inverse { g.b.build_float_neg(s, "")? } else { s };
+            let (c, s) = (round(g, cos)?, round(g, sin)?);
+            Ok((c, if inverse { g.b.build_float_neg(s, "")? } else { s }))
+        };
+        // Rotate the pair (j, j + hd/2) of row `row` in f64 and round once.
+        let rotate = |g: &mut Self, row: Iv<'ctx>, j: Iv<'ctx>, c: Fv<'ctx>, s: Fv<'ctx>| -> Kr<()> {
             let i1 = g.iadd(g.imulc(row, hd as u64)?, j)?;
             let i2 = g.iadd(i1, g.i64c(half))?;
             let x1 = g.b.build_float_ext(g.ldf(0, i1)?, f64t, "")?;
@@ -1349,6 +1347,33 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             let o2 = g.add(g.mul(x2, c)?, g.mul(x1, s)?)?;
             g.stf(2, i1, g.b.build_float_trunc(o1, g.ctx.f32_type(), "")?)?;
             g.stf(2, i2, g.b.build_float_trunc(o2, g.ctx.f32_type(), "")?)?;
+            Ok(())
+        };
+        if self.flavor == Flavor::Host {
+            // One item per token: each (cos, sin) is computed once and applied to every head of the token.
+            let tokens = (rows / heads.max(1)) as u64;
+            self.for_items(tokens, &[], &mut |g, bt, _| {
+                let pos = g.ldi(1, bt)?;
+                g.for_loop("j", g.i64c(0), g.i64c(half), g.i64c(1), &[], &mut |g, j, _| {
+                    let (c, s) = cos_sin(g, pos, j)?;
+                    g.for_loop("h", g.i64c(0), g.i64c(heads as u64), g.i64c(1), &[], &mut |g, h, _| {
+                        let row = g.iadd(g.imulc(bt, heads as u64)?, h)?;
+                        rotate(g, row, j, c, s)?;
+                        Ok(vec![])
+                    })?;
+                    Ok(vec![])
+                })?;
+                Ok(vec![])
+            })?;
+            return Ok(());
+        }
+        self.for_items(rows as u64 * half, &[], &mut |g, it, _| {
+            let j = g.uremc(it, half)?;
+            let row = g.udivc(it, half)?;
+            let bt = g.udivc(row, heads as u64)?;
+            let pos = g.ldi(1, bt)?;
+            let (c, s) = cos_sin(g, pos, j)?;
+            rotate(g, row, j, c, s)?;
             Ok(vec![])
         })?;
         Ok(())
@@ -1449,9 +1474,17 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         f: &mut dyn FnMut(&mut Self, Iv<'ctx>) -> Kr<Fv<'ctx>>,
     ) -> Kr<Fv<'ctx>> {
         let init = [self.identity(k).into()];
+        let host = self.flavor == Flavor::Host;
         let acc = self.lane_loop(self.i64c(n as u64), &init, &mut |g, v, acc| {
             let x = f(g, v)?;
-            Ok(vec![g.combine(k, acc[0].into_float_value(), x)?.into()])
+            let c = g.combine(k, acc[0].into_float_value(), x)?;
+            if host && k == Red::Sum {
+                // The order of a host thread's sum is free: lets LLVM split it into vector lanes.
+                if let Some(inst) = c.as_instruction() {
+                    let _ = inst.set_fast_math_flags(FastMathFlags::AllowReassoc);
+                }
+            }
+            Ok(vec![c.into()])
         })?;
         self.reduce(k, acc[0].into_float_value())
     }

@@ -56,26 +56,25 @@ pub fn nvptx_target_machine(sm: u32) -> Result<TargetMachine, CodegenError> {
 /// over it. Kernels must carry the `ptx_kernel` calling convention (see `kernels::set_ptx_kernel`) to come out as
 /// `.entry` functions.
 pub fn emit_ptx(module: &Module<'_>, sm: u32) -> Result<String, CodegenError> {
+    optimize(module, sm)?;
+    emit_optimized_ptx(module, sm)
+}
+
+/// Sets NVPTX's triple and data layout for `sm_<sm>` on `module`, verifies it and runs `default<O3>`.
+fn optimize(module: &Module<'_>, sm: u32) -> Result<(), CodegenError> {
     let machine = nvptx_target_machine(sm)?;
     module.set_triple(&machine.get_triple());
     module.set_data_layout(&machine.get_target_data().get_data_layout());
     module.verify().map_err(|e| CodegenError::Llvm { stage: "verify", message: e.to_string() })?;
     module
         .run_passes("default<O3>", &machine, PassBuilderOptions::create())
-        .map_err(|e| CodegenError::Llvm { stage: "optimize", message: e.to_string() })?;
-    emit_optimized_ptx(module, sm)
+        .map_err(|e| CodegenError::Llvm { stage: "optimize", message: e.to_string() })
 }
 
 /// Optimizes `module` for NVPTX once (with `sm_<sm>`'s target machine) and returns it as bitcode, so that PTX for
 /// several architectures can be generated from it in parallel ([`ptx_from_bitcode`]) without optimizing it again.
 pub fn optimize_for_nvptx(module: &Module<'_>, sm: u32) -> Result<Vec<u8>, CodegenError> {
-    let machine = nvptx_target_machine(sm)?;
-    module.set_triple(&machine.get_triple());
-    module.set_data_layout(&machine.get_target_data().get_data_layout());
-    module.verify().map_err(|e| CodegenError::Llvm { stage: "verify", message: e.to_string() })?;
-    module
-        .run_passes("default<O3>", &machine, PassBuilderOptions::create())
-        .map_err(|e| CodegenError::Llvm { stage: "optimize", message: e.to_string() })?;
+    optimize(module, sm)?;
     Ok(module.write_bitcode_to_memory().as_slice().to_vec())
 }
 

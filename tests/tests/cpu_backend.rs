@@ -36,33 +36,7 @@ fn graph_plan(mut g: Graph) -> Plan {
     let b = build(&g, &host_only()).unwrap();
     assert!(b.missing.is_empty(), "kernels without a template: {:?}", b.missing);
     let memory = passes::memory::plan(&g);
-    let values = memory
-        .values
-        .iter()
-        .map(|v| match v.placement {
-            passes::memory::Placement::None => ValuePlacement::None,
-            passes::memory::Placement::Owns(b) => ValuePlacement::Owns(b as u32),
-            passes::memory::Placement::Alias(of) => ValuePlacement::Alias(of.0),
-            passes::memory::Placement::InPlace { of, buffer } => {
-                ValuePlacement::InPlace { of: of.0, buffer: buffer as u32 }
-            }
-        })
-        .collect();
-    let buffers = memory
-        .buffers
-        .iter()
-        .map(|b| ir::plan::PlanBuffer {
-            region: match b.region {
-                passes::memory::Region::Persistent => ir::plan::Region::Persistent,
-                passes::memory::Region::Arena => ir::plan::Region::Arena,
-            },
-            offset: b.offset as u64,
-            bytes: b.bytes as u64,
-            start: b.start as u64,
-            end: b.end as u64,
-            first: b.first.0,
-        })
-        .collect();
+    let (values, buffers) = plan_source::memory_parts(&memory);
     let train = TrainSettings {
         seq_len: 1,
         micro_batch: 1,

@@ -109,13 +109,16 @@ pub fn bench(
                 let last = step as usize == warmup + steps;
                 let o = if profile && last {
                     let mut per: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+                    let mut each: Vec<(f64, usize)> = vec![];
                     let mut t = Instant::now();
                     let o = be
                         .step_each(|k, _| {
                             let kind = plan.kernels[k].name.split(':').next().unwrap_or("").to_string();
                             let e = per.entry(kind).or_default();
-                            e.0 += t.elapsed().as_secs_f64();
+                            let dt = t.elapsed().as_secs_f64();
+                            e.0 += dt;
                             e.1 += 1;
+                            each.push((dt, k));
                             t = Instant::now();
                         })
                         .map_err(|e| format!("error: step {step}: {e}"))?;
@@ -124,6 +127,12 @@ pub fn bench(
                     println!("profile (one step, kernel by kernel): kind, kernels, seconds");
                     for (kind, (sec, n)) in rows {
                         println!("  {kind:<28} {n:>6} {sec:>9.3}");
+                    }
+                    each.sort_by(|a, b| b.0.partial_cmp(&a.0).expect("finite"));
+                    println!("slowest kernels: ms, symbol, name");
+                    for (dt, k) in each.iter().take(12) {
+                        let c = &plan.kernels[*k];
+                        println!("  {:>8.2}  {:<10} {}", dt * 1e3, c.symbol, c.name);
                     }
                     o
                 } else {

@@ -7,13 +7,8 @@ use ir::plan::{
 };
 use passes::memory::{MemoryPlan, Placement};
 
-/// The plan for `graph`, the optimized training step of `recipe`, with its memory plan `memory`, built for `target`.
-pub fn plan_of(
-    recipe: &CompiledRecipe,
-    graph: ir::Graph,
-    memory: &MemoryPlan,
-    target: &str,
-) -> Result<Plan, PlanError> {
+/// The memory plan in the plan file's terms: every value's placement, and the buffers.
+pub fn memory_parts(memory: &MemoryPlan) -> (Vec<ValuePlacement>, Vec<PlanBuffer>) {
     let values = memory
         .values
         .iter()
@@ -39,6 +34,17 @@ pub fn plan_of(
             first: b.first.0,
         })
         .collect();
+    (values, buffers)
+}
+
+/// The plan for `graph`, the optimized training step of `recipe`, with its memory plan `memory`, built for `target`.
+pub fn plan_of(
+    recipe: &CompiledRecipe,
+    graph: ir::Graph,
+    memory: &MemoryPlan,
+    target: &str,
+) -> Result<Plan, PlanError> {
+    let (values, buffers) = memory_parts(memory);
     let t = &recipe.train;
     let train = TrainSettings {
         seq_len: t.seq_len as u64,
