@@ -110,13 +110,11 @@ fn load_plan(path: &Path) -> Result<Plan, String> {
     Plan::read(path).map_err(|e| format!("error: {}: {e}", path.display()))
 }
 
+/// Receives one parameter's values.
+type SetParam<'a> = dyn FnMut(&str, &[f32]) -> Result<(), String> + 'a;
+
 /// Frozen weights from the model directory (by their HF names), or seeded random ones; `set` receives each.
-fn load_weights(
-    set: &mut dyn FnMut(&str, &[f32]) -> Result<(), String>,
-    plan: &Plan,
-    args: &RunArgs,
-    seed: u64,
-) -> Result<(), String> {
+fn load_weights(set: &mut SetParam<'_>, plan: &Plan, args: &RunArgs, seed: u64) -> Result<(), String> {
     let model = match (&args.model, args.random_weights) {
         (Some(dir), false) => Some(runtime::weights::ModelDir::open(dir).map_err(|e| format!("error: --model: {e}"))?),
         (_, true) => None,
