@@ -210,8 +210,11 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
         }
         crate::ptx::optimize_for_nvptx(&module, opts.archs.iter().copied().min().unwrap_or(crate::ptx::MIN_SM))
     };
-    let ptx_for = |bitcode: &[u8], sm: u32| -> PtxOut {
-        let ptx = crate::ptx::ptx_from_bitcode(bitcode, sm)?;
+    // LLVM's NVPTX output for our templates differs between the architectures only in the `.target` line (none uses
+    // an architecture-specific instruction yet; `codegen/tests/build.rs` checks this on every distinct kernel of the
+    // tiny steps), so the higher architectures' modules are the lowest one's text retargeted.
+    let base_sm = opts.archs.iter().copied().min().unwrap_or(crate::ptx::MIN_SM);
+    let assemble = |ptx: String, sm: u32| -> PtxOut {
         let mut res = vec![None; distinct.len()];
         if opts.ptxas {
             let report = ptxas::assemble(&ptx, sm)?;
@@ -221,45 +224,66 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
         }
         Ok((sm, ptx, res))
     };
-    let host_for = || -> Result<(Vec<String>, Vec<u8>), CodegenError> {
+    // The host code is compiled as two objects on two threads (kernels dealt out alternately) and linked into one
+    // shared library: the host compile is the longest job of a build.
+    type HostPart = Result<(Vec<(usize, String)>, Vec<u8>), CodegenError>;
+    let host_part = |part: usize, parts: usize| -> HostPart {
         let ctx = Context::create();
-        let module = ctx.create_module("tunec_host");
+        let module = ctx.create_module(&format!("tunec_host{part}"));
         let mut llvm = vec![];
-        for t in &distinct {
+        for (i, t) in distinct.iter().enumerate().skip(part).step_by(parts) {
             let f = t.emit_host(&ctx, &module)?;
-            llvm.push(if opts.llvm_ir { f.print_to_string().to_string() } else { String::new() });
+            llvm.push((i, if opts.llvm_ir { f.print_to_string().to_string() } else { String::new() }));
         }
         optimize_host(&module)?;
         let machine = host_target_machine()?;
         let obj = machine
             .write_to_memory_buffer(&module, FileType::Object)
             .map_err(|e| CodegenError::Llvm { stage: "host object", message: e.to_string() })?;
-        Ok((llvm, link_shared(obj.as_slice())?))
+        Ok((llvm, obj.as_slice().to_vec()))
+    };
+    let link_parts = |parts: Vec<HostPart>| -> Result<(Vec<String>, Vec<u8>), CodegenError> {
+        let mut llvm = vec![String::new(); distinct.len()];
+        let mut objects = vec![];
+        for p in parts {
+            let (texts, obj) = p?;
+            for (i, t) in texts {
+                llvm[i] = t;
+            }
+            objects.push(obj);
+        }
+        Ok((llvm, link_shared(&objects)?))
     };
     let mut res_of: Vec<BTreeMap<u32, KernelResources>> = vec![BTreeMap::new(); distinct.len()];
     let mut llvm_of: Vec<String> = vec![String::new(); distinct.len()];
     if !distinct.is_empty() {
         let (ptx_results, host_result) = std::thread::scope(|scope| {
-            let host_job = opts.host.then(|| scope.spawn(host_for));
+            let host_jobs: Vec<_> =
+                if opts.host { (0..2).map(|p| scope.spawn(move || host_part(p, 2))).collect() } else { vec![] };
             let ptx: Vec<PtxOut> = if opts.archs.is_empty() {
                 vec![]
             } else {
                 match optimized_ptx_ir() {
                     Err(e) => vec![Err(e)],
-                    Ok(bitcode) => {
-                        let jobs: Vec<_> = opts
-                            .archs
-                            .iter()
-                            .map(|&sm| {
-                                let bitcode = bitcode.clone();
-                                scope.spawn(move || ptx_for(&bitcode, sm))
-                            })
-                            .collect();
-                        jobs.into_iter().map(|j| j.join().expect("PTX thread")).collect()
-                    }
+                    Ok(bitcode) => match crate::ptx::ptx_from_bitcode(&bitcode, base_sm) {
+                        Err(e) => vec![Err(e)],
+                        Ok(base) => {
+                            let jobs: Vec<_> = opts
+                                .archs
+                                .iter()
+                                .map(|&sm| {
+                                    let ptx = crate::ptx::retarget(&base, base_sm, sm);
+                                    scope.spawn(move || assemble(ptx, sm))
+                                })
+                                .collect();
+                            jobs.into_iter().map(|j| j.join().expect("PTX thread")).collect()
+                        }
+                    },
                 }
             };
-            (ptx, host_job.map(|j| j.join().expect("host thread")))
+            let host = (!host_jobs.is_empty())
+                .then(|| host_jobs.into_iter().map(|j| j.join().expect("host thread")).collect::<Vec<_>>());
+            (ptx, host.map(link_parts))
         });
         for r in ptx_results {
             let (sm, ptx, res) = r?;
@@ -308,19 +332,24 @@ pub fn kernel_ptx(t: &Template, sm: u32) -> Result<String, CodegenError> {
     }
 }
 
-/// Links an object file into a shared library with the system's C compiler driver.
-fn link_shared(object: &[u8]) -> Result<Vec<u8>, CodegenError> {
+/// Links object files into one shared library with the system's C compiler driver.
+fn link_shared(objects: &[Vec<u8>]) -> Result<Vec<u8>, CodegenError> {
     let dir = tempfile::Builder::new()
         .prefix("tunec-link-")
         .tempdir()
         .map_err(|source| CodegenError::Io { path: std::env::temp_dir(), source })?;
-    let (obj, lib) = (dir.path().join("kernels.o"), dir.path().join("libkernels.so"));
-    std::fs::write(&obj, object).map_err(|source| CodegenError::Io { path: obj.clone(), source })?;
+    let lib = dir.path().join("libkernels.so");
+    let mut paths = vec![];
+    for (i, object) in objects.iter().enumerate() {
+        let obj = dir.path().join(format!("kernels{i}.o"));
+        std::fs::write(&obj, object).map_err(|source| CodegenError::Io { path: obj.clone(), source })?;
+        paths.push(obj);
+    }
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let run = std::process::Command::new(&cc)
         .args(["-shared", "-o"])
         .arg(&lib)
-        .arg(&obj)
+        .args(&paths)
         .output()
         .map_err(|source| CodegenError::Io { path: cc.clone().into(), source })?;
     if !run.status.success() {

@@ -88,6 +88,15 @@ pub fn ptx_from_bitcode(bitcode: &[u8], sm: u32) -> Result<String, CodegenError>
     emit_optimized_ptx(&module, sm)
 }
 
+/// `ptx` (generated for `sm_<from>`) for `sm_<to>`: the `.target` directives changed. Valid when the code uses no
+/// instruction specific to either architecture, which holds for every template today.
+pub fn retarget(ptx: &str, from: u32, to: u32) -> String {
+    if from == to {
+        return ptx.to_string();
+    }
+    ptx.replace(&format!("\n.target sm_{from}\n"), &format!("\n.target sm_{to}\n"))
+}
+
 /// Code generation only: PTX text of an already optimized module.
 fn emit_optimized_ptx(module: &Module<'_>, sm: u32) -> Result<String, CodegenError> {
     let machine = nvptx_target_machine(sm)?;
