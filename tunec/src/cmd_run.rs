@@ -166,6 +166,13 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         }
     }
     let t = &plan.train;
+    if t.grad_accum > 1 {
+        return Err(format!(
+            "error: the recipe asks for gradient accumulation over {} micro-batches, which tunec does not run yet (the \
+             plan applies AdamW every step); set grad_accum to 1 (or raise micro_batch) in the recipe",
+            t.grad_accum
+        ));
+    }
     let seed = args.seed.unwrap_or(t.seed);
     let tok_dir = args.tokenizer.as_ref().or(args.model.as_ref()).ok_or("error: give --model or --tokenizer")?;
     let (tokenizer, config) = TextTokenizer::from_dir(tok_dir).map_err(|e| format!("error: {e}"))?;
