@@ -166,13 +166,6 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         }
     }
     let t = &plan.train;
-    if t.grad_accum > 1 {
-        return Err(format!(
-            "error: the recipe asks for gradient accumulation over {} micro-batches, which tunec does not run yet (the \
-             plan applies AdamW every step); set grad_accum to 1 (or raise micro_batch) in the recipe",
-            t.grad_accum
-        ));
-    }
     let seed = args.seed.unwrap_or(t.seed);
     let tok_dir = args.tokenizer.as_ref().or(args.model.as_ref()).ok_or("error: give --model or --tokenizer")?;
     let (tokenizer, config) = TextTokenizer::from_dir(tok_dir).map_err(|e| format!("error: {e}"))?;
@@ -253,8 +246,14 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         format!("the cpu backend ({} threads)", args.threads)
     };
     eprintln!(
-        "training {} on {on}: {} steps of {} × {} tokens, lr {:.1e}, warm-up {}",
-        plan.recipe, topts.steps, t.micro_batch, t.seq_len, topts.lr, topts.warmup
+        "training {} on {on}: {} steps of {}{} × {} tokens, lr {:.1e}, warm-up {}",
+        plan.recipe,
+        topts.steps,
+        if t.grad_accum > 1 { format!("{} micro-batches × ", t.grad_accum) } else { String::new() },
+        t.micro_batch,
+        t.seq_len,
+        topts.lr,
+        topts.warmup
     );
     let s = train(&plan, be, &mut source, &topts)?;
     let fmt = |x: Option<f64>| x.map_or("n/a".into(), |v| format!("{v:.4}"));

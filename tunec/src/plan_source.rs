@@ -118,6 +118,7 @@ pub fn pipeline_options(
             eps: t.eps,
             weight_decay: t.weight_decay,
             max_grad_norm: t.max_grad_norm,
+            grad_accum: t.grad_accum,
         },
         target: passes::target::Target::by_name(target)
             .ok_or_else(|| format!("error: unknown --target {target} (h100, cpu)"))?,

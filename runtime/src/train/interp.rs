@@ -6,7 +6,7 @@ use ir::interp::{run, Env, Precision, Tensor, Value};
 use ir::plan::Plan;
 use ir::{Graph, OutputKind, Role};
 
-use super::{Batch, StepBackend, Tensors};
+use super::{Batch, StepBackend, StepInputs, Tensors, ACCUM_APPLY};
 
 /// The interpreter with the parameters and inputs of a plan.
 pub struct InterpBackend {
@@ -46,6 +46,10 @@ impl InterpBackend {
 
 impl StepBackend for InterpBackend {
     fn set_inputs(&mut self, b: &Batch, lr: f32, step: u64) -> Result<(), String> {
+        self.set_step_inputs(b, StepInputs::step(lr, step))
+    }
+
+    fn set_step_inputs(&mut self, b: &Batch, s: StepInputs) -> Result<(), String> {
         let shape_of = |name: &str| -> Option<Vec<usize>> {
             self.graph.nodes.iter().find_map(|n| match &n.op {
                 ir::Op::Input { name: m } if m == name => Some(n.ty.shape.clone()),
@@ -62,9 +66,11 @@ impl StepBackend for InterpBackend {
                 self.env.inputs.insert(name.to_string(), Value::ints(shape, data.clone()));
             }
         }
-        self.env.inputs.insert("lr".into(), Value::F(Tensor::scalar(lr as f64)));
-        self.env.inputs.insert("opt_step".into(), Value::ints(vec![], vec![step as i32]));
-        self.env.inputs.insert("step".into(), Value::ints(vec![], vec![step as i32]));
+        self.env.inputs.insert("lr".into(), Value::F(Tensor::scalar(s.lr as f64)));
+        self.env.inputs.insert("opt_step".into(), Value::ints(vec![], vec![s.opt_step as i32]));
+        self.env.inputs.insert("step".into(), Value::ints(vec![], vec![s.micro_step as i32]));
+        let apply = if s.apply { 1.0 } else { 0.0 };
+        self.env.inputs.insert(ACCUM_APPLY.into(), Value::F(Tensor::scalar(apply)));
         Ok(())
     }
 

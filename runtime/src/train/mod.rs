@@ -8,6 +8,14 @@
 //! the parameters as they are but moves its moments, which the restore undoes). The loss is the forward loss of the
 //! current parameters; LoRA dropout, when the recipe has it, stays on, as in the training loss.
 //!
+//! **Gradient accumulation** (the plan's `train.grad_accum` k > 1): one optimizer step is k micro-steps, each on
+//! the next batch, with the step's learning rate and `opt_step`, a distinct dropout `step` (the 1-based global
+//! micro-step counter) and `accum_apply` 1 on the last micro-step only: the plan's graph sums the gradients into its
+//! `optimizer.<param>.grad_acc` states and applies AdamW to their mean on that micro-step (`passes::adamw`). The
+//! logged loss is the mean of the k micro-losses, the gradient norm that of the applying micro-step (the norm of the
+//! mean gradient), tokens/s counts all k batches; steps, eval, checkpoints and `stop_after` count optimizer steps, so
+//! checkpoints fall where every accumulator is zero.
+//!
 //! **Reproducibility**: dropout masks derive from the recipe's seeds and the step counter, the data order from the
 //! data seed and the iterator position, AdamW's state is checkpointed: a resumed run computes exactly what the
 //! uninterrupted run computes.
@@ -63,10 +71,40 @@ pub trait DataSource {
     fn restore(&mut self, position: &serde_json::Value) -> Result<(), String>;
 }
 
+/// The scalar inputs of one micro-step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepInputs {
+    pub lr: f32,
+    /// The 1-based optimizer step (`opt_step`, AdamW's bias correction).
+    pub opt_step: u64,
+    /// The 1-based global micro-step counter (the dropout masks' `step`); `opt_step` without accumulation.
+    pub micro_step: u64,
+    /// Whether this micro-step applies the update (`accum_apply`; plans without accumulation always apply).
+    pub apply: bool,
+}
+
+impl StepInputs {
+    /// A whole optimizer step (no accumulation): micro-step = optimizer step, applied.
+    pub fn step(lr: f32, step: u64) -> StepInputs {
+        StepInputs { lr, opt_step: step, micro_step: step, apply: true }
+    }
+}
+
+/// The name of the plan input that says whether a micro-step applies the update (`passes::adamw::ACCUM_APPLY`).
+pub const ACCUM_APPLY: &str = "accum_apply";
+
 /// What the loop needs from a backend.
 pub trait StepBackend {
     /// Sets the step's inputs (the batch, the learning rate and the 1-based optimizer step).
     fn set_inputs(&mut self, b: &Batch, lr: f32, step: u64) -> Result<(), String>;
+    /// Sets one micro-step's inputs. The default serves backends that do not run gradient accumulation: a whole
+    /// optimizer step is `set_inputs`, a micro-step of an accumulating plan is refused.
+    fn set_step_inputs(&mut self, b: &Batch, s: StepInputs) -> Result<(), String> {
+        if s.micro_step != s.opt_step || !s.apply {
+            return Err("this backend does not run gradient accumulation (grad_accum > 1) yet".into());
+        }
+        self.set_inputs(b, s.lr, s.opt_step)
+    }
     /// Runs the training step: (loss, gradient norm).
     fn run_step(&mut self) -> Result<(f32, Option<f32>), String>;
     /// Every trainable parameter and optimizer state: (name, shape, values).
@@ -81,6 +119,10 @@ pub trait StepBackend {
 /// The cpu backend as the loop's backend.
 impl StepBackend for CpuBackend {
     fn set_inputs(&mut self, b: &Batch, lr: f32, step: u64) -> Result<(), String> {
+        self.set_step_inputs(b, StepInputs::step(lr, step))
+    }
+
+    fn set_step_inputs(&mut self, b: &Batch, s: StepInputs) -> Result<(), String> {
         let e = |e: crate::RuntimeError| e.to_string();
         self.set_input_i32("input_ids", &b.input_ids).map_err(e)?;
         self.set_input_i32("labels", &b.labels).map_err(e)?;
@@ -89,11 +131,15 @@ impl StepBackend for CpuBackend {
                 self.set_input_i32(name, data).map_err(e)?;
             }
         }
-        self.set_input_f32("lr", &[lr]).map_err(e)?;
-        self.set_input_i32("opt_step", &[step as i32]).map_err(e)?;
+        self.set_input_f32("lr", &[s.lr]).map_err(e)?;
+        self.set_input_i32("opt_step", &[s.opt_step as i32]).map_err(e)?;
         // The dropout masks' step counter (present when the recipe has dropout).
         if self.inputs().any(|i| i.name == "step") {
-            self.set_input_i32("step", &[step as i32]).map_err(e)?;
+            self.set_input_i32("step", &[s.micro_step as i32]).map_err(e)?;
+        }
+        // Gradient accumulation (present when the recipe's grad_accum > 1).
+        if self.inputs().any(|i| i.name == ACCUM_APPLY) {
+            self.set_input_f32(ACCUM_APPLY, &[if s.apply { 1.0 } else { 0.0 }]).map_err(e)?;
         }
         Ok(())
     }
@@ -286,32 +332,46 @@ pub fn train(
         };
         ck.write(&checkpoint::path_for(&opts.out, step)).map_err(|e| e.to_string())
     };
+    let k = plan.train.grad_accum.max(1);
     for step in start + 1..=end {
-        let batch = data.next_batch()?;
         let lr = sched.lr_at(step);
-        be.set_inputs(&batch, lr as f32, step)?;
-        let before = be.state()?;
-        let t0 = Instant::now();
-        let (loss, grad_norm) = be.run_step()?;
-        let dt = t0.elapsed().as_secs_f64();
-        if !loss.is_finite() {
-            for (n, _, d) in &before {
-                be.set_state(n, d)?;
+        let (mut loss_sum, mut grad_norm, mut tokens, mut dt) = (0.0f64, None, 0u64, 0.0f64);
+        for micro in 0..k {
+            let batch = data.next_batch()?;
+            let s = StepInputs {
+                lr: lr as f32,
+                opt_step: step,
+                micro_step: (step - 1) * k + micro + 1,
+                apply: micro + 1 == k,
+            };
+            be.set_step_inputs(&batch, s)?;
+            let before = be.state()?;
+            let t0 = Instant::now();
+            let (loss, norm) = be.run_step()?;
+            dt += t0.elapsed().as_secs_f64();
+            if !loss.is_finite() {
+                for (n, _, d) in &before {
+                    be.set_state(n, d)?;
+                }
+                be.set_step_inputs(&batch, s)?;
+                let culprit = be.first_nonfinite()?.unwrap_or_else(|| "no tensor of the step holds one".into());
+                if let Some(b) = &bar {
+                    b.abandon();
+                }
+                let at = if k > 1 { format!(" (micro-batch {} of {k})", micro + 1) } else { String::new() };
+                return Err(format!("step {step}{at}: the loss is {loss}; stopped. First non-finite value: {culprit}"));
             }
-            be.set_inputs(&batch, lr as f32, step)?;
-            let culprit = be.first_nonfinite()?.unwrap_or_else(|| "no tensor of the step holds one".into());
-            if let Some(b) = &bar {
-                b.abandon();
-            }
-            return Err(format!("step {step}: the loss is {loss}; stopped. First non-finite value: {culprit}"));
+            loss_sum += loss as f64;
+            grad_norm = norm;
+            tokens += batch.input_ids.len() as u64;
         }
-        let tokens = (batch.input_ids.len()) as u64;
+        let loss = loss_sum / k as f64;
         tokens_total += tokens;
         run_tokens += tokens;
         let tps = tokens as f64 / dt;
         let mut rec = Record {
             step,
-            loss: Some(loss as f64),
+            loss: Some(loss),
             lr: Some(lr),
             grad_norm: grad_norm.map(|g| g as f64),
             tokens_per_s: Some(tps),
@@ -325,7 +385,7 @@ pub fn train(
             summary.eval_after = rec.eval_loss;
         }
         log.write(&rec).map_err(|e| e.to_string())?;
-        summary.final_loss = Some(loss as f64);
+        summary.final_loss = Some(loss);
         summary.last_step = step;
         if let Some(b) = &bar {
             b.set_position(step);
