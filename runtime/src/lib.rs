@@ -2,11 +2,13 @@
 //! training loop and adapter export. It never depends on LLVM: a plan is everything it needs.
 //!
 //! Today it holds the `cpu` backend ([`cpu::CpuBackend`]), which runs a plan's host library on a pool of threads,
-//! and the CUDA probe ([`cuda::cuda_available`]), which tells whether `--backend cuda` can work on this machine
-//! without panicking when there is no driver.
+//! the CUDA probe ([`cuda::cuda_available`]), which tells whether `--backend cuda` can work on this machine
+//! without panicking when there is no driver, and the `cuda` backend ([`cuda_backend::CudaBackend`]), which runs a
+//! plan's PTX kernels on a GPU with the same plan semantics as the cpu backend.
 
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_backend;
 pub mod data;
 mod error;
 pub mod generate;
@@ -15,4 +17,5 @@ pub mod weights;
 
 pub use cpu::{CpuBackend, StepOutputs};
 pub use cuda::{cuda_available, CudaUnavailable, DeviceInfo};
+pub use cuda_backend::{CudaBackend, CudaError};
 pub use error::RuntimeError;
