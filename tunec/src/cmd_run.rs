@@ -101,11 +101,13 @@ pub struct RunArgs {
     pub quiet: bool,
 }
 
-fn load_plan(path: &Path) -> Result<Plan, String> {
+/// A plan file, or a recipe compiled for the cpu target (host code only) or, with `gpu`, the h100 target with PTX.
+fn load_plan(path: &Path, gpu: bool) -> Result<Plan, String> {
     if path.extension().is_some_and(|e| e == "rs") {
         let recipe = frontend::compile_file(path, models::library()).map_err(|d| d.render())?;
-        let opts = codegen::build::BuildOptions { archs: vec![], ptxas: false, host: true, llvm_ir: false };
-        return crate::plan_source::compile_plan(&recipe, "cpu", &opts);
+        let archs = if gpu { vec![80, 90] } else { vec![] };
+        let opts = codegen::build::BuildOptions { archs, ptxas: false, host: true, llvm_ir: false };
+        return crate::plan_source::compile_plan(&recipe, if gpu { "h100" } else { "cpu" }, &opts);
     }
     Plan::read(path).map_err(|e| format!("error: {}: {e}", path.display()))
 }
@@ -149,22 +151,17 @@ fn load_weights(set: &mut SetParam<'_>, plan: &Plan, args: &RunArgs, seed: u64) 
 }
 
 pub fn run(args: &RunArgs) -> Result<(), String> {
-    let plan = load_plan(&args.plan)?;
-    match args.backend {
-        Backend::Cpu => {}
-        Backend::Auto => {
-            if runtime::cuda_available().is_ok() {
-                eprintln!("note: a GPU is present but the CUDA training backend is not built yet (issue 6): using cpu");
-            }
-        }
-        Backend::Interp => {}
+    // The backend actually used: auto picks cuda when a driver and a GPU are present.
+    let backend = match args.backend {
+        Backend::Auto if runtime::cuda_available().is_ok() => Backend::Cuda,
+        Backend::Auto => Backend::Cpu,
         Backend::Cuda => {
             runtime::cuda_available().map_err(|e| format!("error: --backend cuda: {e}"))?;
-            return Err(
-                "error: --backend cuda: the CUDA training backend is not built yet (issue 6); use --backend cpu".into(),
-            );
+            Backend::Cuda
         }
-    }
+        other => other,
+    };
+    let plan = load_plan(&args.plan, backend == Backend::Cuda)?;
     let t = &plan.train;
     let seed = args.seed.unwrap_or(t.seed);
     let tok_dir = args.tokenizer.as_ref().or(args.model.as_ref()).ok_or("error: give --model or --tokenizer")?;
@@ -214,8 +211,13 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
     eprintln!("data: {} training examples, {} held out for eval", ds.examples.len(), eval.len());
     let mut source = LoaderSource::new(ds.examples, &eval, bopts)?;
 
-    let (mut cpu, mut interp);
-    let be: &mut dyn runtime::train::StepBackend = if args.backend == Backend::Interp {
+    let (mut cpu, mut interp, mut cuda);
+    let be: &mut dyn runtime::train::StepBackend = if backend == Backend::Cuda {
+        cuda = runtime::CudaBackend::new(&plan, 0).map_err(|e| format!("error: --backend cuda: {e}"))?;
+        load_weights(&mut |n, d| cuda.set_param_f32(n, d).map_err(|e| e.to_string()), &plan, args, seed)?;
+        cuda.init_params(seed).map_err(|e| format!("error: {e}"))?;
+        &mut cuda
+    } else if backend == Backend::Interp {
         interp = runtime::train::interp::InterpBackend::new(&plan);
         load_weights(&mut |n, d| interp.set_param_f32(n, d), &plan, args, seed)?;
         interp.init_params(seed).map_err(|e| format!("error: {e}"))?;
@@ -240,7 +242,9 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         progress: !args.quiet,
         stop_after: None,
     };
-    let on = if args.backend == Backend::Interp {
+    let on = if backend == Backend::Cuda {
+        "the cuda backend (GPU 0)".to_string()
+    } else if backend == Backend::Interp {
         "the interpreter".to_string()
     } else {
         format!("the cpu backend ({} threads)", args.threads)
