@@ -15,7 +15,7 @@ fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     std::fs::create_dir_all(&out).expect("mkdir");
     let (mut cases, mut skipped) = (0, 0);
-    for recipe in ["tiny.lora.rs", "tiny.qlora.rs", "tiny.dora.rs"] {
+    for recipe in ["tiny.lora.rs", "tiny.qlora.rs", "tiny.dora.rs", "tiny.qdora.rs"] {
         let r = frontend::compile_file(&root.join("examples").join(recipe), models::library()).expect("recipe");
         let mut g = r.forward.clone();
         PassManager::new(training_pipeline(&PipelineOptions::default())).run(&mut g).expect("pipeline");

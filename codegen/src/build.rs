@@ -137,7 +137,9 @@ pub fn kernel_interface(g: &Graph, k: &ir::Kernel, t: &Template) -> (Vec<KernelA
                 kernels::loops::Iteration::Rows { rows, .. } => clamp(rows),
             };
             let launch = KernelLaunch { grid: (grid, 1, 1), ..block(256) };
-            (n.buffers.iter().map(|b| plain(b.value)).collect(), launch)
+            let args =
+                n.args().into_iter().map(|(b, part)| KernelArg { value: n.buffers[b].value.0, part: part as u8 });
+            (args.collect(), launch)
         }
         Template::Nn(nn) => {
             let l = nn.launch();

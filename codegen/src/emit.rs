@@ -7,9 +7,11 @@
 use inkwell::builder::Builder;
 use inkwell::context::Context;
 use inkwell::intrinsics::Intrinsic;
-use inkwell::module::Module;
+use inkwell::module::{Linkage, Module};
 use inkwell::types::{BasicType, BasicTypeEnum};
-use inkwell::values::{BasicMetadataValueEnum, BasicValueEnum, FloatValue, FunctionValue, IntValue, PointerValue};
+use inkwell::values::{
+    BasicMetadataValueEnum, BasicValueEnum, FloatValue, FunctionValue, GlobalValue, IntValue, PointerValue,
+};
 use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
 use kernels::{read_sreg, set_ptx_kernel, KernelError, Sreg};
 
@@ -64,6 +66,59 @@ pub(crate) fn kernel_fn<'ctx>(
         }
     };
     Ok((func, b, bufs))
+}
+
+/// A constant f32 table `name` in `module` (global memory on NVPTX), internal to the module.
+pub(crate) fn const_f32_table<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    name: &str,
+    vals: &[f32],
+    flavor: Flavor,
+) -> GlobalValue<'ctx> {
+    let space = match flavor {
+        Flavor::Host => AddressSpace::default(),
+        Flavor::Nvptx => AddressSpace::from(1u16),
+    };
+    let f32t = ctx.f32_type();
+    let init: Vec<FloatValue> = vals.iter().map(|&v| f32t.const_float(v as f64)).collect();
+    let gl = module.add_global(f32t.array_type(vals.len() as u32), Some(space), name);
+    gl.set_linkage(Linkage::Internal);
+    gl.set_constant(true);
+    gl.set_initializer(&f32t.const_array(&init));
+    gl
+}
+
+/// The constant tables NF4 dequantization reads, in a kernel's module.
+#[derive(Clone, Copy)]
+pub(crate) struct Nf4Tables<'ctx> {
+    /// The 16 NF4 code values (`ir::nf4::NF4_CODEBOOK`).
+    pub nf4: GlobalValue<'ctx>,
+    /// The signed dynamic map (256 values) of double quantization.
+    pub dyn_map: Option<GlobalValue<'ctx>>,
+}
+
+impl<'ctx> Nf4Tables<'ctx> {
+    /// Adds `{prefix}_nf4` (and `{prefix}_dynmap` with `double_quant`) to `module`.
+    pub fn new(ctx: &'ctx Context, module: &Module<'ctx>, prefix: &str, double_quant: bool, flavor: Flavor) -> Self {
+        Nf4Tables {
+            nf4: const_f32_table(ctx, module, &format!("{prefix}_nf4"), &ir::nf4::NF4_CODEBOOK, flavor),
+            dyn_map: double_quant.then(|| {
+                const_f32_table(ctx, module, &format!("{prefix}_dynmap"), &ir::nf4::dynamic_map_signed(), flavor)
+            }),
+        }
+    }
+}
+
+/// Where an NF4 tensor's storage parts are (see `kernels::gemm::nf4_buffers`): the packed codes and, without double
+/// quantization, `[absmax]`, or with it `[absmax codes, absmax2, offset]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Nf4Parts<'ctx> {
+    pub packed: PointerValue<'ctx>,
+    /// The absmax (f32), or with double quantization the absmax codes (u8).
+    pub absmax: PointerValue<'ctx>,
+    /// With double quantization: absmax2 (f32) and the offset (f32[1]).
+    pub double: Option<(PointerValue<'ctx>, PointerValue<'ctx>)>,
 }
 
 /// Shared emission helpers for a code generator that owns a builder positioned in kernel `func`.
@@ -152,6 +207,53 @@ pub(crate) trait Emit<'ctx>: Sized {
     fn st_f32(&self, p: PointerValue<'ctx>, i: IntValue<'ctx>, v: FloatValue<'ctx>) -> Kr<()> {
         self.b().build_store(self.gep(self.ctx().f32_type(), p, i)?, v)?;
         Ok(())
+    }
+    /// `p[i]` for a u8 array, zero-extended to i64.
+    fn ld_u8(&self, p: PointerValue<'ctx>, i: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
+        let i8t = self.ctx().i8_type();
+        let q = self.gep(i8t, p, i)?;
+        let v = self.b().build_load(i8t, q, "")?.into_int_value();
+        Ok(self.b().build_int_z_extend(v, self.ctx().i64_type(), "")?)
+    }
+    /// Entry `i` of a constant f32 table.
+    fn table(&self, t: GlobalValue<'ctx>, i: IntValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let ty = t.get_value_type().into_array_type();
+        // i < the table's length (a 4-bit or 8-bit code).
+        let q = self.arr_gep(ty, t.as_pointer_value(), i)?;
+        Ok(self.b().build_load(self.ctx().f32_type(), q, "")?.into_float_value())
+    }
+
+    /// Element `e` (row-major, i64) of an NF4 tensor, exactly as `ir::nf4::dequantize`: separately rounded
+    /// `(map[c]·absmax2) + offset` with double quantization, then `nf4[q]·absmax` (no contraction: no fast-math
+    /// flags).
+    fn nf4_dequant(
+        &self,
+        e: IntValue<'ctx>,
+        parts: Nf4Parts<'ctx>,
+        tables: Nf4Tables<'ctx>,
+        block: usize,
+        double_quant: Option<usize>,
+    ) -> Kr<FloatValue<'ctx>> {
+        let b = self.b();
+        let byte = self.ld_u8(parts.packed, b.build_right_shift(e, self.i64c(1), false, "")?)?;
+        // Even elements in the high nibble: shift = 4·(1 − (e & 1)).
+        let odd = b.build_and(e, self.i64c(1), "")?;
+        let shift = b.build_left_shift(b.build_xor(odd, self.i64c(1), "")?, self.i64c(2), "")?;
+        let nib = b.build_and(b.build_right_shift(byte, shift, false, "")?, self.i64c(15), "nib")?;
+        let q = self.table(tables.nf4, nib)?;
+        let blk = b.build_int_unsigned_div(e, self.i64c(block as u64), "blk")?;
+        let absmax = match (double_quant, parts.double) {
+            (Some(b2), Some((absmax2, offset))) => {
+                let code = self.ld_u8(parts.absmax, blk)?;
+                let mapped = self.table(tables.dyn_map.expect("dynamic map"), code)?;
+                let blk2 = b.build_int_unsigned_div(blk, self.i64c(b2 as u64), "")?;
+                let a2 = self.ld_f32(absmax2, blk2)?;
+                let off = self.ld_f32(offset, self.i64c(0))?;
+                b.build_float_add(b.build_float_mul(mapped, a2, "")?, off, "absmax")?
+            }
+            _ => self.ld_f32(parts.absmax, blk)?,
+        };
+        Ok(b.build_float_mul(q, absmax, "w")?)
     }
 
     // ---- control flow -----------------------------------------------------------------------------------------------

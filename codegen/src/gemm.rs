@@ -46,7 +46,7 @@ use inkwell::{AddressSpace, IntPredicate};
 use kernels::gemm::{BufIx, Gemm, WeightFormat};
 use kernels::{KernelError, Sreg};
 
-use crate::emit::{kernel_fn, Emit, Kr};
+use crate::emit::{kernel_fn, Emit, Kr, Nf4Parts, Nf4Tables};
 use crate::lower::Flavor;
 use crate::CodegenError;
 
@@ -121,8 +121,7 @@ struct Gen<'a, 'ctx> {
     ix: BufIx,
     bufs: Vec<PointerValue<'ctx>>,
     /// The NF4 codebook (16 f32) and, for double quantization, the signed dynamic map (256 f32).
-    nf4_table: Option<GlobalValue<'ctx>>,
-    dyn_map: Option<GlobalValue<'ctx>>,
+    tables: Option<Nf4Tables<'ctx>>,
 }
 
 fn emit<'ctx>(
@@ -134,27 +133,13 @@ fn emit<'ctx>(
 ) -> Kr<FunctionValue<'ctx>> {
     let name = g.symbol();
     let (func, b, bufs) = kernel_fn(ctx, module, &name, g.buffers().len(), flavor)?;
-    let table_space = match flavor {
-        Flavor::Host => AddressSpace::default(),
-        Flavor::Nvptx => AddressSpace::from(1u16),
+    let tables = match g.weight {
+        WeightFormat::F32 => None,
+        WeightFormat::Nf4 { double_quant, .. } => {
+            Some(Nf4Tables::new(ctx, module, &name, double_quant.is_some(), flavor))
+        }
     };
-    let const_table = |suffix: &str, vals: &[f32]| {
-        let f32t = ctx.f32_type();
-        let init: Vec<FloatValue> = vals.iter().map(|&v| f32t.const_float(v as f64)).collect();
-        let gl = module.add_global(f32t.array_type(vals.len() as u32), Some(table_space), &format!("{name}_{suffix}"));
-        gl.set_linkage(Linkage::Internal);
-        gl.set_constant(true);
-        gl.set_initializer(&f32t.const_array(&init));
-        gl
-    };
-    let (nf4_table, dyn_map) = match g.weight {
-        WeightFormat::F32 => (None, None),
-        WeightFormat::Nf4 { double_quant, .. } => (
-            Some(const_table("nf4", &ir::nf4::NF4_CODEBOOK)),
-            double_quant.map(|_| const_table("dynmap", &ir::nf4::dynamic_map_signed())),
-        ),
-    };
-    let mut gen = Gen { ctx, module, b, func, g, ix: g.buf_ix(), bufs, nf4_table, dyn_map };
+    let mut gen = Gen { ctx, module, b, func, g, ix: g.buf_ix(), bufs, tables };
     match flavor {
         Flavor::Host => gen.host(vw)?,
         Flavor::Nvptx => gen.nvptx()?,
@@ -205,18 +190,6 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         Ok(self.b.build_int_compare(IntPredicate::ULT, a, b, "")?)
     }
 
-    fn ld_u8(&self, p: PointerValue<'ctx>, i: IntValue<'ctx>) -> Kr<IntValue<'ctx>> {
-        let i8t = self.ctx.i8_type();
-        let q = self.gep(i8t, p, i)?;
-        let v = self.b.build_load(i8t, q, "")?.into_int_value();
-        Ok(self.b.build_int_z_extend(v, self.ctx.i64_type(), "")?)
-    }
-    fn table(&self, t: GlobalValue<'ctx>, i: IntValue<'ctx>) -> Kr<FloatValue<'ctx>> {
-        let ty = t.get_value_type().into_array_type();
-        // i < the table's length (a 4-bit or 8-bit code).
-        let q = self.arr_gep(ty, t.as_pointer_value(), i)?;
-        Ok(self.b.build_load(self.f32t(), q, "")?.into_float_value())
-    }
     fn fma(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>, c: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
         let f = self.intrinsic("llvm.fma", &[self.f32t().as_basic_type_enum()])?;
         Ok(self.call(f, &[a.into(), b.into(), c.into()])?.into_float_value())
@@ -247,27 +220,14 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
 
     /// Element `e` (row-major) of the NF4 weight, exactly as `ir::nf4::dequantize`.
     fn dequant(&self, e: IntValue<'ctx>, block: usize, double_quant: Option<usize>) -> Kr<FloatValue<'ctx>> {
-        let b = &self.b;
-        let byte = self.ld_u8(self.bufs[self.ix.w], b.build_right_shift(e, self.i64c(1), false, "")?)?;
-        // Even elements in the high nibble: shift = 4·(1 − (e & 1)).
-        let odd = b.build_and(e, self.i64c(1), "")?;
-        let shift = b.build_left_shift(b.build_xor(odd, self.i64c(1), "")?, self.i64c(2), "")?;
-        let nib = b.build_and(b.build_right_shift(byte, shift, false, "")?, self.i64c(15), "nib")?;
-        let q = self.table(self.nf4_table.expect("NF4 table"), nib)?;
-        let blk = b.build_int_unsigned_div(e, self.i64c(block as u64), "blk")?;
-        let absmax_buf = self.bufs[self.ix.absmax.expect("absmax buffer")];
-        let absmax = match double_quant {
-            None => self.ld_f32(absmax_buf, blk)?,
-            Some(b2) => {
-                let code = self.ld_u8(absmax_buf, blk)?;
-                let mapped = self.table(self.dyn_map.expect("dynamic map"), code)?;
-                let blk2 = b.build_int_unsigned_div(blk, self.i64c(b2 as u64), "")?;
-                let a2 = self.ld_f32(self.bufs[self.ix.absmax2.expect("absmax2")], blk2)?;
-                let off = self.ld_f32(self.bufs[self.ix.offset.expect("offset")], self.i64c(0))?;
-                b.build_float_add(b.build_float_mul(mapped, a2, "")?, off, "absmax")?
-            }
+        let ix = self.ix;
+        let parts = Nf4Parts {
+            packed: self.bufs[ix.w],
+            absmax: self.bufs[ix.absmax.expect("absmax buffer")],
+            double: double_quant
+                .map(|_| (self.bufs[ix.absmax2.expect("absmax2")], self.bufs[ix.offset.expect("offset")])),
         };
-        Ok(b.build_float_mul(q, absmax, "w")?)
+        self.nf4_dequant(e, parts, self.tables.expect("NF4 tables"), block, double_quant)
     }
 
     /// `op_b(B)[p, n]` of the LoRA term.

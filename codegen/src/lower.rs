@@ -3,13 +3,15 @@
 //!
 //! # Kernel ABI
 //! Buffers are the nest's [`LoopNest::buffers`]: inputs first, then outputs, each a dense row-major f32 (or i32)
-//! array; scalar inputs (`lr`, `step`) are one-element buffers. Constants are folded into the code.
-//! - **Host** ([`emit_host`]): `void tunec_<name>(ptr args, i32 tid, i32 nthreads)`, where `args[k]` is buffer `k`'s
-//!   pointer. Thread `tid` of `nthreads` takes one contiguous slice of the outer iteration space (elements, or rows
-//!   for row kernels); calling every `tid` in `0..nthreads` (in any order, or concurrently) runs the whole kernel.
+//! array; scalar inputs (`lr`, `step`) are one-element buffers. Constants are folded into the code. An NF4 input
+//! takes one pointer per storage part ([`LoopNest::args`]: packed codes, then absmax, or absmax codes, absmax2 and
+//! offset), and its loads dequantize exactly as `ir::nf4::dequantize` (the GEMM template's arithmetic).
+//! - **Host** ([`emit_host`]): `void tunec_<name>(ptr args, i32 tid, i32 nthreads)`, where `args[k]` is argument
+//!   `k`'s pointer. Thread `tid` of `nthreads` takes one contiguous slice of the outer iteration space (elements, or
+//!   rows for row kernels); calling every `tid` in `0..nthreads` (in any order, or concurrently) runs the whole kernel.
 //!   Loops are plain counted loops that O3's loop vectorizer vectorizes ([`optimize_host`]).
 //! - **NVPTX** ([`emit_ptx`]): `.entry tunec_<name>(ptr b0, ptr b1, …)` (calling convention 71, `ptx_kernel`),
-//!   one generic pointer per buffer in the same order. Elementwise kernels are grid-stride loops (any grid).
+//!   one generic pointer per argument in the same order. Elementwise kernels are grid-stride loops (any grid).
 //!   Row kernels take one block per row (grid-stride over rows); `blockDim.x` must be a multiple of 32 and at most
 //!   1024 ([`ROW_BLOCK_THREADS`] is a good choice); reductions are warp shuffles (`llvm.nvvm.shfl.sync.bfly.f32`)
 //!   then one shared-memory pass over the warps' partials.
@@ -32,7 +34,7 @@ use inkwell::{AddressSpace, FloatPredicate, IntPredicate, OptimizationLevel};
 use kernels::loops::{index_map, row_input, Elem, ExprId, ExprOp, IndexMap, Iteration, LoopNest};
 use kernels::Sreg;
 
-use crate::emit::{kernel_fn, Emit, Kr, Red};
+use crate::emit::{kernel_fn, Emit, Kr, Nf4Parts, Nf4Tables, Red};
 use crate::CodegenError;
 
 /// A good `blockDim.x` for row kernels on the GPU (any multiple of 32 up to 1024 is valid).
@@ -117,7 +119,12 @@ struct Gen<'a, 'ctx> {
     func: FunctionValue<'ctx>,
     nest: &'a LoopNest,
     flavor: Flavor,
+    /// The pointer arguments in ABI order ([`LoopNest::args`]).
     bufs: Vec<PointerValue<'ctx>>,
+    /// Index into `bufs` of each buffer's first part.
+    first_part: Vec<usize>,
+    /// The NF4 tables (when some input is NF4).
+    nf4: Option<Nf4Tables<'ctx>>,
     /// Values computed in the current loop body, by (expression, linear index).
     memo: HashMap<(ExprId, IntValue<'ctx>), BasicValueEnum<'ctx>>,
     /// Per-row statistics of the row ops, valid in the current row.
@@ -133,8 +140,20 @@ struct Gen<'a, 'ctx> {
 
 fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, nest: &LoopNest, flavor: Flavor) -> Kr<FunctionValue<'ctx>> {
     let name = nest.symbol();
-    let (func, b, mut bufs) =
-        kernel_fn(ctx, module, &name, nest.buffers.len() + usize::from(!nest.seeds.is_empty()), flavor)?;
+    let args = nest.args();
+    let (func, b, mut bufs) = kernel_fn(ctx, module, &name, args.len() + usize::from(!nest.seeds.is_empty()), flavor)?;
+    let first_part: Vec<usize> =
+        (0..nest.buffers.len()).map(|k| args.iter().position(|&(i, _)| i == k).expect("every buffer")).collect();
+    let nf4_inputs: Vec<Option<usize>> = nest
+        .inputs()
+        .iter()
+        .filter_map(|b| match b.elem {
+            Elem::Nf4 { double_quant, .. } => Some(double_quant),
+            _ => None,
+        })
+        .collect();
+    let nf4 = (!nf4_inputs.is_empty())
+        .then(|| Nf4Tables::new(ctx, module, &name, nf4_inputs.iter().any(Option::is_some), flavor));
     let seeds_ptr = if nest.seeds.is_empty() { None } else { bufs.pop() };
     if flavor == Flavor::Host {
         func.get_nth_param(0).expect("args param").set_name("args");
@@ -157,6 +176,8 @@ fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, nest: &LoopNest, flavor
         nest,
         flavor,
         bufs,
+        first_part,
+        nf4,
         memo: HashMap::new(),
         stats: HashMap::new(),
         hoisted: HashMap::new(),
@@ -300,7 +321,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         }
         for (buffer, v) in vals {
             // ix.lin is below the output's element count (the loops' bounds).
-            let p = self.gep(self.ctx.f32_type(), self.bufs[buffer], ix.lin)?;
+            let p = self.gep(self.ctx.f32_type(), self.bufs[self.first_part[buffer]], ix.lin)?;
             self.b.build_store(p, v)?;
         }
         Ok(())
@@ -513,12 +534,24 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let expr = self.nest.exprs[e].clone();
         let v: BasicValueEnum = match &expr.op {
             ExprOp::Load { buffer } => {
+                let first = self.first_part[*buffer];
                 let ty: BasicTypeEnum = match self.nest.buffers[*buffer].elem {
                     Elem::F32 => self.ctx.f32_type().into(),
                     Elem::I32 => self.ctx.i32_type().into(),
+                    Elem::Nf4 { block, double_quant } => {
+                        let parts = Nf4Parts {
+                            packed: self.bufs[first],
+                            absmax: self.bufs[first + 1],
+                            double: double_quant.map(|_| (self.bufs[first + 2], self.bufs[first + 3])),
+                        };
+                        let tables = self.nf4.expect("NF4 tables");
+                        let v = self.nf4_dequant(ix.lin, parts, tables, block, double_quant)?;
+                        self.memo.insert((e, ix.lin), v.into());
+                        return Ok(v.into());
+                    }
                 };
                 // SAFETY: ix.lin indexes the buffer's shape (the nest's index maps stay in bounds).
-                let p = unsafe { self.b.build_in_bounds_gep(ty, self.bufs[*buffer], &[ix.lin], "")? };
+                let p = unsafe { self.b.build_in_bounds_gep(ty, self.bufs[first], &[ix.lin], "")? };
                 self.b.build_load(ty, p, "")?
             }
             ExprOp::Scalar { value, elem: Elem::F32 } => self.f32c(*value).into(),

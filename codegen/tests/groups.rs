@@ -1,4 +1,4 @@
-//! Every kernel group of the tiny recipes' optimized training steps (LoRA, QLoRA, DoRA), as `fuse` forms them and
+//! Every kernel group of the tiny recipes' optimized training steps (LoRA, QLoRA, DoRA, QDoRA), as `fuse` forms them and
 //! `codegen::build` lowers them, run on the host (2 threads) on the reference interpreter's values for its inputs
 //! (seeded random weights and data): every output matches the interpreter within `atol + rtol·|ref|`.
 
@@ -116,4 +116,9 @@ fn every_group_of_the_tiny_qlora_step_matches_reference() {
 #[test]
 fn every_group_of_the_tiny_dora_step_matches_reference() {
     check_recipe("tiny.dora.rs");
+}
+
+#[test]
+fn every_group_of_the_tiny_qdora_step_matches_reference() {
+    check_recipe("tiny.qdora.rs");
 }

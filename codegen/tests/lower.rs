@@ -39,6 +39,15 @@ impl Case {
         self.env.inputs.insert(name.into(), Value::F(Tensor::from_f32(shape.to_vec(), &data)));
         self.b.input(name, Type::f32(shape.to_vec())).unwrap()
     }
+    /// An NF4 input (blocks of 64; double quantization in blocks of 256 when `double`), quantized from uniform
+    /// values in `[-0.5, 0.5)` as the interpreter's NF4 parameters are.
+    fn nf4(&mut self, name: &str, shape: &[usize], double: bool) -> ValueId {
+        let data = self.rng.vec(shape.iter().product(), -0.5, 0.5);
+        let q = ir::nf4::quantize(&data, shape, 64, double.then_some(256));
+        self.env.inputs.insert(name.into(), Value::Q(q));
+        let fmt = ir::Nf4Format { block: 64, double_quant: double.then_some(256) };
+        self.b.input(name, Type::new(DType::Nf4(fmt), shape.to_vec())).unwrap()
+    }
     fn int_scalar(&mut self, name: &str, v: i32) -> ValueId {
         self.env.inputs.insert(name.into(), Value::ints(vec![], vec![v]));
         self.b.input(name, Type::new(DType::I32, Vec::<usize>::new())).unwrap()
@@ -77,9 +86,23 @@ fn check_kernel(g: &Graph, k: &Kernel, vals: &[Value], exact: bool) {
     // Buffers: inputs from the interpreter, outputs filled with NaN so unwritten elements show.
     let mut f32s: Vec<Vec<f32>> = vec![];
     let mut i32s: Vec<Vec<i32>> = vec![];
+    let mut parts: Vec<Vec<u32>> = vec![];
     let mut ptrs: Vec<*mut u8> = vec![];
-    for (i, buf) in nest.buffers.iter().enumerate() {
+    for (i, part) in nest.args() {
+        let buf = &nest.buffers[i];
         let ptr = match (&vals[buf.value.index()], i < nest.n_inputs) {
+            (Value::Q(q), true) => {
+                // An NF4 storage part, in 4-byte-aligned storage (f32 parts are read as f32).
+                let raw = &kernels::gemm::nf4_buffers(q)[part];
+                let mut words = vec![0u32; raw.len().div_ceil(4).max(1)];
+                for (w, c) in words.iter_mut().zip(raw.chunks(4)) {
+                    let mut x = [0u8; 4];
+                    x[..c.len()].copy_from_slice(c);
+                    *w = u32::from_le_bytes(x);
+                }
+                parts.push(words);
+                parts.last_mut().unwrap().as_mut_ptr() as *mut u8
+            }
             (Value::I { data, .. }, true) => {
                 i32s.push(data.clone());
                 i32s.last_mut().unwrap().as_mut_ptr() as *mut u8
@@ -93,7 +116,6 @@ fn check_kernel(g: &Graph, k: &Kernel, vals: &[Value], exact: bool) {
                 f32s.push(vec![f32::NAN; buf.numel()]);
                 f32s.last_mut().unwrap().as_mut_ptr() as *mut u8
             }
-            (other, true) => panic!("unexpected input value {other:?}"),
         };
         ptrs.push(ptr);
     }
@@ -102,7 +124,7 @@ fn check_kernel(g: &Graph, k: &Kernel, vals: &[Value], exact: bool) {
         ptrs.push(seeds.as_mut_ptr() as *mut u8);
     }
     for tid in 0..2 {
-        // SAFETY: one pointer per buffer, each with the buffer's element count (the kernel ABI).
+        // SAFETY: one pointer per argument, each with its buffer's (or storage part's) size (the kernel ABI).
         unsafe { kernel.call(ptrs.as_ptr(), tid, 2) };
     }
     let outputs = &f32s[f32s.len() - nest.outputs().len()..];
@@ -413,5 +435,48 @@ fn slices_concat_transpose_and_reductions_match_reference() {
         }
         c.output("norm", norm);
         assert!(c.check(false) >= 10);
+    }
+}
+
+#[test]
+fn nf4_dequantize_matches_reference() {
+    for double in [false, true] {
+        for n in SIZES {
+            // Alone: bit-exact. Blocks of 64 straddle the rows; [24, 783] has more than 256 blocks (two absmax2).
+            for rows in [3, 24] {
+                let mut c = Case::new("nf4_dequantize", (n * 2 + double as usize) as u64);
+                let q = c.nf4("q", &[rows, n], double);
+                let w = c.b.nf4_dequantize(q).unwrap();
+                c.output("w", w);
+                assert_eq!(c.check(true), 1, "[{rows}, {n}] double {double}");
+            }
+
+            // DoRA's weight norm: ‖W + s·BA‖ per row (dequantize, add, square, row sum, sqrt) in one row kernel.
+            let mut c = Case::new("nf4_norm", (n * 2 + double as usize) as u64);
+            let c_check_fused = |mut g: Graph, env: &Env| {
+                Fuse.run(&mut g).expect("fuse");
+                let vals = run(&g, env, Precision::F32).expect("interpreter");
+                for k in &g.kernels {
+                    check_kernel(&g, k, &vals, false);
+                }
+            };
+            let q = c.nf4("q", &[4, n], double);
+            let d = c.input("d", &[4, n], -0.1, 0.1);
+            let w = c.b.nf4_dequantize(q).unwrap();
+            let s = c.b.add(w, d).unwrap();
+            let sq = c.b.mul(s, s).unwrap();
+            let r = c.b.sum(sq, &[1], true).unwrap();
+            let norm = c.b.sqrt(r).unwrap();
+            c.output("norm", norm);
+            let g = c.b.finish();
+            let k = Kernel { name: "nf4_norm".into(), nodes: vec![w, s, sq, r, norm] };
+            let nest = LoopNest::from_group(&g, &k).expect("loop nest");
+            assert_eq!(nest.args().len(), nest.buffers.len() + if double { 3 } else { 1 });
+            assert!(matches!(nest.iteration, Iteration::Rows { rows: 4, cols } if cols == n));
+            let vals = run(&g, &c.env, Precision::F32).expect("interpreter");
+            check_kernel(&g, &k, &vals, false);
+            // And as `fuse` groups it.
+            c_check_fused(g, &c.env);
+        }
     }
 }

@@ -8,6 +8,11 @@
 //!   `rms_norm_bwd_x`, `softmax` and `sum` over the last axis compute per-row statistics first, then every full-size
 //!   output is written along the row).
 //!
+//! An NF4 input (an `nf4` value read by `nf4_dequantize`) is a buffer of [`Elem::Nf4`]: its storage parts (packed
+//! codes and scales, laid out as `kernels::gemm::nf4_buffers` gives them) are separate kernel arguments, and its
+//! [`ExprOp::Load`] is the dequantized f32 element (bit-exact with `ir::nf4::dequantize`); `nf4_dequantize` itself
+//! is then a view.
+//!
 //! Indexing follows the interpreter: an expression is evaluated at a linear (row-major) index of its own shape, and
 //! an argument of a smaller shape is read at the offset numpy broadcasting maps that index to. Views (`reshape`,
 //! `stop_gradient`, `cast` f32→f32) keep the linear index. Scalar constants are folded into the expressions.
@@ -33,6 +38,24 @@ pub enum LoopError {
 pub enum Elem {
     F32,
     I32,
+    /// NF4 storage (inputs only), loaded as dequantized f32: blocks of `block` elements, with double quantization
+    /// in blocks of `double_quant` absmax values when present. Its parts, in argument order: packed codes (u8),
+    /// then either absmax (f32), or absmax codes (u8), absmax2 (f32) and offset (f32[1]).
+    Nf4 {
+        block: usize,
+        double_quant: Option<usize>,
+    },
+}
+
+impl Elem {
+    /// How many kernel arguments (storage parts) a buffer of this type takes: 1, or 2 / 4 for NF4.
+    pub fn parts(self) -> usize {
+        match self {
+            Elem::F32 | Elem::I32 => 1,
+            Elem::Nf4 { double_quant: None, .. } => 2,
+            Elem::Nf4 { double_quant: Some(_), .. } => 4,
+        }
+    }
 }
 
 /// One array the kernel reads or writes.
@@ -213,6 +236,11 @@ impl LoopNest {
         &self.buffers[self.n_inputs..]
     }
 
+    /// The kernel's pointer arguments: (buffer, part) in ABI order (one per buffer, or an NF4 buffer's parts).
+    pub fn args(&self) -> Vec<(usize, usize)> {
+        self.buffers.iter().enumerate().flat_map(|(i, b)| (0..b.elem.parts()).map(move |p| (i, p))).collect()
+    }
+
     /// The row ops, in dependency order.
     pub fn row_ops(&self) -> Vec<ExprId> {
         (0..self.exprs.len()).filter(|&e| self.exprs[e].op.is_row_op()).collect()
@@ -228,6 +256,7 @@ fn elem_of(dtype: DType) -> Result<Elem, LoopError> {
     match dtype {
         DType::F32 => Ok(Elem::F32),
         DType::I32 => Ok(Elem::I32),
+        DType::Nf4(f) => Ok(Elem::Nf4 { block: f.block as usize, double_quant: f.double_quant.map(|b| b as usize) }),
         other => Err(LoopError::Unsupported(format!("{other} values"))),
     }
 }
@@ -236,6 +265,8 @@ fn elem_of(dtype: DType) -> Result<Elem, LoopError> {
 fn expr_op(op: &Op, g: &Graph, inputs: &[ValueId]) -> Result<ExprOp, LoopError> {
     Ok(match op {
         Op::Reshape { .. } | Op::StopGradient {} => ExprOp::View,
+        // Its argument is an NF4 buffer, whose load dequantizes.
+        Op::Nf4Dequantize {} if matches!(elem_of(g.ty(inputs[0]).dtype)?, Elem::Nf4 { .. }) => ExprOp::View,
         Op::Cast { to: DType::F32 } if g.ty(inputs[0]).dtype == DType::F32 => ExprOp::View,
         Op::BroadcastTo { .. } => ExprOp::Broadcast,
         Op::Add {} => ExprOp::Add,
@@ -347,6 +378,10 @@ fn build(g: &Graph, kernel: &Kernel) -> Result<LoopNest, LoopError> {
         }
         expr_op(&node.op, g, &node.inputs)?;
         for &v in &node.inputs {
+            // NF4 values are only read through `nf4_dequantize` (its load dequantizes).
+            if matches!(g.ty(v).dtype, DType::Nf4(_)) && !matches!(node.op, Op::Nf4Dequantize {}) {
+                return Err(LoopError::Unsupported(format!("{} of nf4 values", node.op.mnemonic())));
+            }
             if is_member(v) || expr_of.contains_key(&v) {
                 continue;
             }

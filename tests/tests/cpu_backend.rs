@@ -351,6 +351,11 @@ fn cpu_backend_training_step_matches_reference_dora() {
     training_steps_match("tiny.dora.rs");
 }
 
+#[test]
+fn cpu_backend_training_step_matches_reference_qdora() {
+    training_steps_match("tiny.qdora.rs");
+}
+
 /// A kernel whose code is missing (here: the first one's symbol removed) makes the plan unrunnable on the cpu
 /// backend, and the error names it.
 #[test]
