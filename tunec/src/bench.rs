@@ -145,6 +145,32 @@ pub fn bench(
                 }
             }
         }
+        "cuda" => {
+            // The plan's PTX on GPU 0 (step() returns after the device finished the step).
+            let mut be = runtime::CudaBackend::new(plan, 0).map_err(|e| format!("error: --backend cuda: {e}"))?;
+            for p in plan.params.iter().filter(|p| matches!(p.init, Init::Load)) {
+                let n: usize = p.shape.iter().product();
+                be.set_param_f32(&p.name, &data.frozen(&p.name, n)).map_err(|e| format!("error: {e}"))?;
+            }
+            be.init_params(plan.train.seed).map_err(|e| format!("error: {e}"))?;
+            for step in 1..=(warmup + steps) as u64 {
+                for i in &plan.inputs {
+                    match data.input(&i.name, &i.shape, i.dtype, step, vocab) {
+                        Value::F(t) => be.set_input_f32(&i.name, &t.to_f32()),
+                        Value::I { data, .. } => be.set_input_i32(&i.name, &data),
+                        Value::Q(_) => unreachable!("inputs are not NF4"),
+                    }
+                    .map_err(|e| format!("error: {e}"))?;
+                }
+                let t0 = Instant::now();
+                let o = be.step().map_err(|e| format!("error: step {step}: {e}"))?;
+                let dt = t0.elapsed().as_secs_f64();
+                if step as usize > warmup {
+                    out.step_seconds.push(dt);
+                    out.losses.push(o.loss().unwrap_or(f32::NAN));
+                }
+            }
+        }
         "interp" => {
             let g = &plan.graph;
             let mut env = Env::default();
@@ -183,7 +209,7 @@ pub fn bench(
                 }
             }
         }
-        other => return Err(format!("error: unknown backend `{other}` for bench (cpu, interp)")),
+        other => return Err(format!("error: unknown backend `{other}` for bench (cpu, cuda, interp)")),
     }
     Ok(out)
 }

@@ -39,12 +39,12 @@ enum Command {
     Import(cmd_model::ImportArgs),
     Generate(cmd_model::GenerateArgs),
     Merge(cmd_model::MergeArgs),
-    /// Time training steps of a plan (seeded random weights and tokens) on the cpu backend and/or the reference
-    /// interpreter; prints a table and writes JSON.
+    /// Time training steps of a plan (seeded random weights and tokens) on the cpu backend, the cuda backend and/or
+    /// the reference interpreter; prints a table and writes JSON.
     Bench {
         /// The plan, e.g. plan.bin (from `tunec compile ... -o plan.bin`)
         plan: PathBuf,
-        /// Backends to time: cpu, interp (the interpreter runs one step).
+        /// Backends to time: cpu, cuda, interp (the interpreter runs one step).
         #[arg(long = "backend", default_values_t = vec!["cpu".to_string()])]
         backends: Vec<String>,
         /// Measured steps (after the warm-up).
