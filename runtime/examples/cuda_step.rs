@@ -17,7 +17,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use ir::plan::Plan;
-use ir::{DType, Init, Role};
+use ir::{Init, Role};
+use runtime::train::random::{vocab_of, InputData, RandomData};
 use runtime::{CpuBackend, CudaBackend};
 
 const ATOL: f64 = 1e-4;
@@ -27,59 +28,6 @@ const TIMED_STEPS: u64 = 5;
 const LR: f64 = 2e-4;
 /// At most this many lr per step can an ill-conditioned AdamW update move an element differently on the two backends.
 const ADAM_STEP_BOUND: f64 = 4.0;
-
-/// A per-step input's data.
-enum Input {
-    F(Vec<f32>),
-    I(Vec<i32>),
-}
-
-/// Seeded random values, as `tunec bench` makes them (tunec/src/bench.rs).
-struct Data {
-    seed: u64,
-}
-
-impl Data {
-    fn uniform(&self, name: &str, n: usize, scale: f32) -> Vec<f32> {
-        let s = ir::init::param_seed(self.seed, name);
-        (0..n).map(|i| scale * (2.0 * ir::rng::uniform(s, 11, i as u64) - 1.0)).collect()
-    }
-
-    fn frozen(&self, name: &str, n: usize) -> Vec<f32> {
-        if name.contains("norm") {
-            vec![1.0; n]
-        } else {
-            self.uniform(name, n, 0.02)
-        }
-    }
-
-    /// The per-step inputs by name (`opt_step` is the 1-based step).
-    fn input(&self, name: &str, shape: &[usize], dtype: DType, step: u64, vocab: usize) -> Input {
-        let n: usize = shape.iter().product();
-        let t = shape.last().copied().unwrap_or(1).max(1);
-        let tokens = |salt: u64| -> Vec<i32> {
-            let s = ir::init::param_seed(self.seed ^ salt, "tokens");
-            (0..n)
-                .map(|i| ((ir::rng::uniform(s, step, i as u64) as f64 * vocab as f64) as i32).min(vocab as i32 - 1))
-                .collect()
-        };
-        match (name, dtype) {
-            ("lr", _) => Input::F(vec![LR as f32]),
-            // Every step applies its update (a plan with gradient accumulation runs k = 1 micro-steps here).
-            (runtime::train::ACCUM_APPLY, _) => Input::F(vec![1.0]),
-            ("opt_step", _) | ("step", _) => Input::I(vec![step as i32]),
-            ("position_ids", _) => Input::I((0..n).map(|k| (k % t) as i32).collect()),
-            ("segment_ids", _) => Input::I(vec![0; n]),
-            ("input_ids", _) | ("labels", _) => Input::I(tokens(0)),
-            (_, DType::I32) => Input::I(vec![0; n]),
-            _ => Input::F(self.uniform(name, n, 1.0)),
-        }
-    }
-}
-
-fn vocab_of(plan: &Plan) -> usize {
-    plan.model_config.iter().find(|(k, _)| k == "vocab").and_then(|(_, v)| v.parse().ok()).unwrap_or(32000)
-}
 
 /// Whether `got` is within atol + rtol·|want| of `want` (NaN never is).
 fn close(got: f64, want: f64) -> bool {
@@ -105,7 +53,7 @@ fn fmt_opt(x: Option<f32>) -> String {
 
 fn run(path: &Path, steps: u64) -> Result<bool, String> {
     let plan = Plan::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let data = Data { seed: plan.train.seed };
+    let data = RandomData { seed: plan.train.seed, lr: LR as f32 };
     let vocab = vocab_of(&plan);
     let tokens_per_step = (plan.train.micro_batch * plan.train.seq_len) as usize;
 
@@ -138,13 +86,13 @@ fn run(path: &Path, steps: u64) -> Result<bool, String> {
         let mut cpu = cpu;
         for i in &plan.inputs {
             match data.input(&i.name, &i.shape, i.dtype, step, vocab) {
-                Input::F(d) => {
+                InputData::F32(d) => {
                     if let Some(c) = cpu.as_deref_mut() {
                         c.set_input_f32(&i.name, &d).map_err(|e| format!("cpu: {e}"))?;
                     }
                     gpu.set_input_f32(&i.name, &d).map_err(|e| format!("cuda: {e}"))?;
                 }
-                Input::I(d) => {
+                InputData::I32(d) => {
                     if let Some(c) = cpu.as_deref_mut() {
                         c.set_input_i32(&i.name, &d).map_err(|e| format!("cpu: {e}"))?;
                     }

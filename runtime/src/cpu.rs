@@ -77,6 +77,18 @@ fn alias_root(plan: &Plan, v: ValueId) -> ValueId {
     at
 }
 
+/// The indices of the parameters an `init_params` materializes (every init but `load`), in the order to do it:
+/// initializers that read other parameters (`row_norm`) last, so they see what the others produced.
+pub fn init_order<'a>(params: impl Iterator<Item = &'a ParamBinding> + Clone) -> Vec<usize> {
+    let inits = |deps: bool| {
+        params
+            .clone()
+            .enumerate()
+            .filter(move |(_, p)| !matches!(p.init, Init::Load) && matches!(p.init, Init::RowNorm { .. }) == deps)
+    };
+    inits(false).chain(inits(true)).map(|(i, _)| i).collect()
+}
+
 /// The number of worker threads to use by default: the machine's available parallelism.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -641,16 +653,7 @@ impl CpuBackend {
     /// `seed`, as the interpreter-side tests do): LoRA A and B, DoRA magnitudes (from their base weight, which must
     /// be set first), optimizer states.
     pub fn init_params(&mut self, seed: u64) -> Result<(), RuntimeError> {
-        // Initializers that read other parameters (row_norm) go last, so they see what the others produced.
-        let order: Vec<usize> = {
-            let inits = |deps: bool| {
-                self.params.iter().enumerate().filter(move |(_, p)| {
-                    !matches!(p.binding.init, Init::Load) && matches!(p.binding.init, Init::RowNorm { .. }) == deps
-                })
-            };
-            inits(false).chain(inits(true)).map(|(i, _)| i).collect()
-        };
-        for i in order {
+        for i in init_order(self.params.iter().map(|p| &p.binding)) {
             let p = self.params[i].binding.clone();
             let source = |n: &str| self.source_value(n);
             let t = ir::init::materialize(&p.init, &p.name, &p.shape, seed, &source)

@@ -22,7 +22,9 @@
 
 use crate::cpu::{check_nf4_format, nf4_part_bytes, nf4_parts, value_buffer, StepOutputs};
 use crate::cuda::{cuda_device, CudaUnavailable, DeviceInfo};
-use crate::train::{Batch, StepBackend, StepInputs, Tensors, ACCUM_APPLY};
+use crate::train::{
+    nonfinite_param, plan_state, set_plan_inputs, Batch, PlanBackend, StepBackend, StepInputs, Tensors,
+};
 use crate::RuntimeError;
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig};
 use cudarc::driver::{DevicePtr, PushKernelArg};
@@ -30,7 +32,7 @@ use cudarc::nvrtc::Ptx;
 use ir::interp::{Tensor, Value};
 use ir::nf4::Nf4Tensor;
 use ir::plan::{InputBinding, ParamBinding, Plan, PlanBuffer, Region, ValuePlacement};
-use ir::{DType, Graph, Init, Nf4Format, Op, OutputKind, Role, ValueId};
+use ir::{DType, Graph, Nf4Format, Op, OutputKind, ValueId};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -709,15 +711,7 @@ impl CudaBackend {
     /// `seed`, exactly as the cpu backend does): LoRA A and B, DoRA magnitudes (from their base weight, which must
     /// be set first), optimizer states.
     pub fn init_params(&mut self, seed: u64) -> Result<(), CudaError> {
-        let order: Vec<usize> = {
-            let inits = |deps: bool| {
-                self.params.iter().enumerate().filter(move |(_, p)| {
-                    !matches!(p.binding.init, Init::Load) && matches!(p.binding.init, Init::RowNorm { .. }) == deps
-                })
-            };
-            inits(false).chain(inits(true)).map(|(i, _)| i).collect()
-        };
-        for i in order {
+        for i in crate::cpu::init_order(self.params.iter().map(|p| &p.binding)) {
             let p = self.params[i].binding.clone();
             let source = |n: &str| self.source_value(n);
             let t = ir::init::materialize(&p.init, &p.name, &p.shape, seed, &source)
@@ -897,6 +891,27 @@ impl std::fmt::Debug for CudaBackend {
     }
 }
 
+impl PlanBackend for CudaBackend {
+    fn has_input(&self, name: &str) -> bool {
+        self.inputs().any(|i| i.name == name)
+    }
+    fn put_input_i32(&mut self, name: &str, data: &[i32]) -> Result<(), String> {
+        self.set_input_i32(name, data).map_err(|e| e.to_string())
+    }
+    fn put_input_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
+        self.set_input_f32(name, data).map_err(|e| e.to_string())
+    }
+    fn param_bindings(&self) -> Vec<ParamBinding> {
+        self.params().cloned().collect()
+    }
+    fn get_param_f32(&self, name: &str) -> Result<Vec<f32>, String> {
+        self.param_f32(name).map_err(|e| e.to_string())
+    }
+    fn put_param_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
+        self.set_param_f32(name, data).map_err(|e| e.to_string())
+    }
+}
+
 /// The cuda backend as the training loop's backend.
 impl StepBackend for CudaBackend {
     fn set_inputs(&mut self, b: &Batch, lr: f32, step: u64) -> Result<(), String> {
@@ -904,25 +919,7 @@ impl StepBackend for CudaBackend {
     }
 
     fn set_step_inputs(&mut self, b: &Batch, s: StepInputs) -> Result<(), String> {
-        let e = |e: CudaError| e.to_string();
-        self.set_input_i32("input_ids", &b.input_ids).map_err(e)?;
-        self.set_input_i32("labels", &b.labels).map_err(e)?;
-        for (name, data) in [("position_ids", &b.position_ids), ("segment_ids", &b.segment_ids)] {
-            if self.inputs().any(|i| i.name == name) {
-                self.set_input_i32(name, data).map_err(e)?;
-            }
-        }
-        self.set_input_f32("lr", &[s.lr]).map_err(e)?;
-        self.set_input_i32("opt_step", &[s.opt_step as i32]).map_err(e)?;
-        // The dropout masks' step counter (present when the recipe has dropout).
-        if self.inputs().any(|i| i.name == "step") {
-            self.set_input_i32("step", &[s.micro_step as i32]).map_err(e)?;
-        }
-        // Gradient accumulation (present when the recipe's grad_accum > 1).
-        if self.inputs().any(|i| i.name == ACCUM_APPLY) {
-            self.set_input_f32(ACCUM_APPLY, &[if s.apply { 1.0 } else { 0.0 }]).map_err(e)?;
-        }
-        Ok(())
+        set_plan_inputs(self, b, s)
     }
 
     fn run_step(&mut self) -> Result<(f32, Option<f32>), String> {
@@ -931,28 +928,16 @@ impl StepBackend for CudaBackend {
     }
 
     fn state(&self) -> Result<Tensors, String> {
-        let mut out = vec![];
-        for p in self.params().filter(|p| matches!(p.role, Role::Trainable | Role::State)) {
-            out.push((p.name.clone(), p.shape.clone(), self.param_f32(&p.name).map_err(|e| e.to_string())?));
-        }
-        Ok(out)
+        plan_state(self)
     }
 
     fn set_state(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
-        self.set_param_f32(name, data).map_err(|e| e.to_string())
+        self.put_param_f32(name, data)
     }
 
     fn first_nonfinite(&mut self) -> Result<Option<String>, String> {
-        let bindings: Vec<ParamBinding> = self.params().cloned().collect();
-        for p in bindings {
-            if let Ok(d) = self.param_f32(&p.name) {
-                if let Some(i) = d.iter().position(|x| !x.is_finite()) {
-                    return Ok(Some(format!("parameter `{}` holds {} at element {i}", p.name, d[i])));
-                }
-            }
-        }
-        Ok(Some(
-            "no parameter holds one; the kernel-level search needs --backend cpu (run the same step there)".to_string(),
-        ))
+        Ok(Some(nonfinite_param(self).unwrap_or_else(|| {
+            "no parameter holds one; the kernel-level search needs --backend cpu (run the same step there)".to_string()
+        })))
     }
 }

@@ -6,52 +6,15 @@ use std::time::Instant;
 
 use ir::interp::{Env, Precision, Tensor, Value};
 use ir::plan::Plan;
-use ir::{DType, Init};
+use ir::Init;
+use runtime::train::random::{vocab_of, InputData, RandomData};
 
-/// Seeded random values: frozen (loaded) weights uniform in ±0.02 (norm weights 1), token ids below the
-/// vocabulary, positions `0..T` per row, one segment per row, labels = the token ids, lr 2e-4.
-struct Data {
-    seed: u64,
-}
-
-impl Data {
-    fn uniform(&self, name: &str, n: usize, scale: f32) -> Vec<f32> {
-        let s = ir::init::param_seed(self.seed, name);
-        (0..n).map(|i| scale * (2.0 * ir::rng::uniform(s, 11, i as u64) - 1.0)).collect()
+/// An input's seeded values as the interpreter takes them.
+fn value(d: InputData, shape: &[usize]) -> Value {
+    match d {
+        InputData::F32(v) => Value::F(Tensor::from_f32(shape.to_vec(), &v)),
+        InputData::I32(v) => Value::ints(shape.to_vec(), v),
     }
-
-    fn frozen(&self, name: &str, n: usize) -> Vec<f32> {
-        if name.contains("norm") {
-            vec![1.0; n]
-        } else {
-            self.uniform(name, n, 0.02)
-        }
-    }
-
-    /// The per-step inputs by name (`opt_step` is the 1-based step).
-    fn input(&self, name: &str, shape: &[usize], dtype: DType, step: u64, vocab: usize) -> Value {
-        let n: usize = shape.iter().product();
-        let t = shape.last().copied().unwrap_or(1).max(1);
-        let tokens = |salt: u64| -> Vec<i32> {
-            let s = ir::init::param_seed(self.seed ^ salt, "tokens");
-            (0..n)
-                .map(|i| ((ir::rng::uniform(s, step, i as u64) as f64 * vocab as f64) as i32).min(vocab as i32 - 1))
-                .collect()
-        };
-        match (name, dtype) {
-            ("lr", _) => Value::F(Tensor::scalar(2e-4)),
-            ("opt_step", _) | ("step", _) => Value::ints(vec![], vec![step as i32]),
-            ("position_ids", _) => Value::ints(shape.to_vec(), (0..n).map(|k| (k % t) as i32).collect()),
-            ("segment_ids", _) => Value::ints(shape.to_vec(), vec![0; n]),
-            ("input_ids", _) | ("labels", _) => Value::ints(shape.to_vec(), tokens(0)),
-            (_, DType::I32) => Value::ints(shape.to_vec(), vec![0; n]),
-            _ => Value::F(Tensor::new(shape.to_vec(), self.uniform(name, n, 1.0).iter().map(|&x| x as f64).collect())),
-        }
-    }
-}
-
-fn vocab_of(plan: &Plan) -> usize {
-    plan.model_config.iter().find(|(k, _)| k == "vocab").and_then(|(_, v)| v.parse().ok()).unwrap_or(32000)
 }
 
 /// One backend's measured steps.
@@ -81,7 +44,7 @@ pub fn bench(
     threads: usize,
     profile: bool,
 ) -> Result<BenchResult, String> {
-    let data = Data { seed: plan.train.seed };
+    let data = RandomData { seed: plan.train.seed, lr: 2e-4 };
     let vocab = vocab_of(plan);
     let tokens_per_step = (plan.train.micro_batch * plan.train.seq_len) as usize;
     let mut out =
@@ -99,9 +62,8 @@ pub fn bench(
             for step in 1..=(warmup + steps) as u64 {
                 for i in &plan.inputs {
                     match data.input(&i.name, &i.shape, i.dtype, step, vocab) {
-                        Value::F(t) => be.set_input_f32(&i.name, &t.to_f32()),
-                        Value::I { data, .. } => be.set_input_i32(&i.name, &data),
-                        Value::Q(_) => unreachable!("inputs are not NF4"),
+                        InputData::F32(d) => be.set_input_f32(&i.name, &d),
+                        InputData::I32(d) => be.set_input_i32(&i.name, &d),
                     }
                     .map_err(|e| format!("error: {e}"))?;
                 }
@@ -156,9 +118,8 @@ pub fn bench(
             for step in 1..=(warmup + steps) as u64 {
                 for i in &plan.inputs {
                     match data.input(&i.name, &i.shape, i.dtype, step, vocab) {
-                        Value::F(t) => be.set_input_f32(&i.name, &t.to_f32()),
-                        Value::I { data, .. } => be.set_input_i32(&i.name, &data),
-                        Value::Q(_) => unreachable!("inputs are not NF4"),
+                        InputData::F32(d) => be.set_input_f32(&i.name, &d),
+                        InputData::I32(d) => be.set_input_i32(&i.name, &d),
                     }
                     .map_err(|e| format!("error: {e}"))?;
                 }
@@ -188,7 +149,8 @@ pub fn bench(
             }
             for step in 1..=(warmup + steps) as u64 {
                 for i in &plan.inputs {
-                    env.inputs.insert(i.name.clone(), data.input(&i.name, &i.shape, i.dtype, step, vocab));
+                    env.inputs
+                        .insert(i.name.clone(), value(data.input(&i.name, &i.shape, i.dtype, step, vocab), &i.shape));
                 }
                 let t0 = Instant::now();
                 let vals = ir::interp::run(g, &env, Precision::F32).map_err(|e| format!("error: interpreter: {e}"))?;

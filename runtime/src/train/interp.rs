@@ -32,10 +32,8 @@ impl InterpBackend {
 
     /// Materializes every parameter whose initializer is not `load` (as the cpu backend does).
     pub fn init_params(&mut self, seed: u64) -> Result<(), String> {
-        let mut order: Vec<&ir::plan::ParamBinding> =
-            self.params.iter().filter(|p| !matches!(p.init, ir::Init::Load)).collect();
-        order.sort_by_key(|p| matches!(p.init, ir::Init::RowNorm { .. }));
-        for p in order {
+        for i in crate::cpu::init_order(self.params.iter()) {
+            let p = &self.params[i];
             let src = |n: &str| self.env.params.get(n).cloned();
             let t = ir::init::materialize(&p.init, &p.name, &p.shape, seed, &src).map_err(|e| e.to_string())?;
             self.env.params.insert(p.name.clone(), Value::F(t));

@@ -24,6 +24,7 @@ pub mod adapter;
 pub mod checkpoint;
 pub mod interp;
 pub mod metrics;
+pub mod random;
 pub mod schedule;
 pub mod source;
 
@@ -116,6 +117,83 @@ pub trait StepBackend {
     fn first_nonfinite(&mut self) -> Result<Option<String>, String>;
 }
 
+/// What the loop needs of a backend that runs a plan (the cpu and cuda backends), with their own error types
+/// turned into messages: the shared parts of their [`StepBackend`] implementations are written once against it.
+pub trait PlanBackend {
+    fn has_input(&self, name: &str) -> bool;
+    fn put_input_i32(&mut self, name: &str, data: &[i32]) -> Result<(), String>;
+    fn put_input_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String>;
+    fn param_bindings(&self) -> Vec<ir::plan::ParamBinding>;
+    fn get_param_f32(&self, name: &str) -> Result<Vec<f32>, String>;
+    fn put_param_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String>;
+}
+
+/// One micro-step's inputs into a plan backend: the batch, lr, the optimizer step, the dropout step counter and
+/// `accum_apply` (the last two only where the plan has them).
+pub fn set_plan_inputs(be: &mut dyn PlanBackend, b: &Batch, s: StepInputs) -> Result<(), String> {
+    be.put_input_i32("input_ids", &b.input_ids)?;
+    be.put_input_i32("labels", &b.labels)?;
+    for (name, data) in [("position_ids", &b.position_ids), ("segment_ids", &b.segment_ids)] {
+        if be.has_input(name) {
+            be.put_input_i32(name, data)?;
+        }
+    }
+    be.put_input_f32("lr", &[s.lr])?;
+    be.put_input_i32("opt_step", &[s.opt_step as i32])?;
+    // The dropout masks' step counter (present when the recipe has dropout).
+    if be.has_input("step") {
+        be.put_input_i32("step", &[s.micro_step as i32])?;
+    }
+    // Gradient accumulation (present when the recipe's grad_accum > 1).
+    if be.has_input(ACCUM_APPLY) {
+        be.put_input_f32(ACCUM_APPLY, &[if s.apply { 1.0 } else { 0.0 }])?;
+    }
+    Ok(())
+}
+
+/// Every trainable parameter and optimizer state of a plan backend.
+pub fn plan_state(be: &dyn PlanBackend) -> Result<Tensors, String> {
+    let mut out = vec![];
+    for p in be.param_bindings().into_iter().filter(|p| matches!(p.role, Role::Trainable | Role::State)) {
+        let d = be.get_param_f32(&p.name)?;
+        out.push((p.name, p.shape, d));
+    }
+    Ok(out)
+}
+
+/// The first parameter of a plan backend holding a non-finite value, described.
+pub fn nonfinite_param(be: &dyn PlanBackend) -> Option<String> {
+    for p in be.param_bindings() {
+        if let Ok(d) = be.get_param_f32(&p.name) {
+            if let Some(i) = d.iter().position(|x| !x.is_finite()) {
+                return Some(format!("parameter `{}` holds {} at element {i}", p.name, d[i]));
+            }
+        }
+    }
+    None
+}
+
+impl PlanBackend for CpuBackend {
+    fn has_input(&self, name: &str) -> bool {
+        self.inputs().any(|i| i.name == name)
+    }
+    fn put_input_i32(&mut self, name: &str, data: &[i32]) -> Result<(), String> {
+        self.set_input_i32(name, data).map_err(|e| e.to_string())
+    }
+    fn put_input_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
+        self.set_input_f32(name, data).map_err(|e| e.to_string())
+    }
+    fn param_bindings(&self) -> Vec<ir::plan::ParamBinding> {
+        self.params().cloned().collect()
+    }
+    fn get_param_f32(&self, name: &str) -> Result<Vec<f32>, String> {
+        self.param_f32(name).map_err(|e| e.to_string())
+    }
+    fn put_param_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
+        self.set_param_f32(name, data).map_err(|e| e.to_string())
+    }
+}
+
 /// The cpu backend as the loop's backend.
 impl StepBackend for CpuBackend {
     fn set_inputs(&mut self, b: &Batch, lr: f32, step: u64) -> Result<(), String> {
@@ -123,25 +201,7 @@ impl StepBackend for CpuBackend {
     }
 
     fn set_step_inputs(&mut self, b: &Batch, s: StepInputs) -> Result<(), String> {
-        let e = |e: crate::RuntimeError| e.to_string();
-        self.set_input_i32("input_ids", &b.input_ids).map_err(e)?;
-        self.set_input_i32("labels", &b.labels).map_err(e)?;
-        for (name, data) in [("position_ids", &b.position_ids), ("segment_ids", &b.segment_ids)] {
-            if self.inputs().any(|i| i.name == name) {
-                self.set_input_i32(name, data).map_err(e)?;
-            }
-        }
-        self.set_input_f32("lr", &[s.lr]).map_err(e)?;
-        self.set_input_i32("opt_step", &[s.opt_step as i32]).map_err(e)?;
-        // The dropout masks' step counter (present when the recipe has dropout).
-        if self.inputs().any(|i| i.name == "step") {
-            self.set_input_i32("step", &[s.micro_step as i32]).map_err(e)?;
-        }
-        // Gradient accumulation (present when the recipe's grad_accum > 1).
-        if self.inputs().any(|i| i.name == ACCUM_APPLY) {
-            self.set_input_f32(ACCUM_APPLY, &[if s.apply { 1.0 } else { 0.0 }]).map_err(e)?;
-        }
-        Ok(())
+        set_plan_inputs(self, b, s)
     }
 
     fn run_step(&mut self) -> Result<(f32, Option<f32>), String> {
@@ -150,25 +210,16 @@ impl StepBackend for CpuBackend {
     }
 
     fn state(&self) -> Result<Tensors, String> {
-        let mut out = vec![];
-        for p in self.params().filter(|p| matches!(p.role, Role::Trainable | Role::State)) {
-            out.push((p.name.clone(), p.shape.clone(), self.param_f32(&p.name).map_err(|e| e.to_string())?));
-        }
-        Ok(out)
+        plan_state(self)
     }
 
     fn set_state(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
-        self.set_param_f32(name, data).map_err(|e| e.to_string())
+        self.put_param_f32(name, data)
     }
 
     fn first_nonfinite(&mut self) -> Result<Option<String>, String> {
-        let bindings: Vec<_> = self.params().cloned().collect();
-        for p in bindings {
-            if let Ok(d) = self.param_f32(&p.name) {
-                if let Some(i) = d.iter().position(|x| !x.is_finite()) {
-                    return Ok(Some(format!("parameter `{}` holds {} at element {i}", p.name, d[i])));
-                }
-            }
+        if let Some(p) = nonfinite_param(self) {
+            return Ok(Some(p));
         }
         let kernels: Vec<ir::Kernel> = self.graph().kernels.clone();
         let mut found: Option<String> = None;
