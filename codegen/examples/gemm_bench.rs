@@ -87,6 +87,7 @@ fn main() {
         tb: false,
         weight: WeightFormat::F32,
         lora: None,
+        epilogue: None,
     };
     for (label, g) in [
         ("matmul f32 (nn)", base.clone()),

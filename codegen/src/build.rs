@@ -153,7 +153,12 @@ pub fn kernel_interface(g: &Graph, k: &ir::Kernel, t: &Template) -> (Vec<KernelA
             (nn.buffers.iter().map(|b| plain(b.value)).collect(), launch)
         }
         Template::Gemm(gm) => {
-            let anchor = Template::anchor(g, k).expect("a GEMM kernel has its GEMM node");
+            let anchor = k
+                .nodes
+                .iter()
+                .copied()
+                .find(|&v| kernels::gemm::is_gemm_op(&g.node(v).op))
+                .expect("a GEMM kernel has its GEMM node");
             let mut args = vec![];
             for &i in &g.node(anchor).inputs {
                 match g.ty(i).dtype {
@@ -164,7 +169,16 @@ pub fn kernel_interface(g: &Graph, k: &ir::Kernel, t: &Template) -> (Vec<KernelA
                     _ => args.push(plain(i)),
                 }
             }
-            args.push(plain(anchor));
+            match &gm.epilogue {
+                None => args.push(plain(anchor)),
+                Some(e) => {
+                    args.extend(e.extra_inputs().map(|b| plain(e.nest.buffers[b].value)));
+                    if e.store_acc {
+                        args.push(plain(anchor));
+                    }
+                    args.extend(e.nest.outputs().iter().map(|b| plain(b.value)));
+                }
+            }
             let (gx, gy) = crate::gemm::gpu_grid(gm);
             (args, KernelLaunch { grid: (gx, gy, 1), ..block(crate::gemm::GPU_BLOCK_THREADS) })
         }
@@ -200,22 +214,48 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
     }
     out.distinct = distinct.len();
 
-    // PTX: one module with every distinct kernel, optimized once, then code-generated per architecture in parallel
-    // (and assembled by ptxas when asked); the host module meanwhile on its own thread. Each thread has its own
-    // LLVM context.
-    type PtxOut = Result<(u32, String, Vec<Option<KernelResources>>), CodegenError>;
-    let optimized_ptx_ir = || -> Result<Vec<u8>, CodegenError> {
-        let ctx = Context::create();
-        let module = ctx.create_module("tunec_kernels");
-        for t in &distinct {
-            t.emit_ptx(&ctx, &module)?;
-        }
-        crate::ptx::optimize_for_nvptx(&module, opts.archs.iter().copied().min().unwrap_or(crate::ptx::MIN_SM))
+    // Code generation runs on four threads, each with its own LLVM context: the PTX of half the distinct kernels
+    // twice (optimized, then generated for the lowest architecture; the two texts are merged into one module) and
+    // the host code of half the kernels twice (two objects linked into one shared library). Each half gets every
+    // other GEMM (the expensive kernels) and every other kernel of the rest; host kernels that share a GEMM core
+    // (`codegen::gemm::emit_host`) go to the same object, so the core is compiled once.
+    const PARTS: usize = 2;
+    let deal = |unit_of: &dyn Fn(usize, &Template) -> String| -> Vec<usize> {
+        let mut units: HashMap<String, usize> = HashMap::new();
+        let mut next = [0usize, 1usize];
+        distinct
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let class = usize::from(!matches!(t, Template::Gemm(_)));
+                *units.entry(unit_of(i, t)).or_insert_with(|| {
+                    next[class] += 1;
+                    (next[class] - 1) % PARTS
+                })
+            })
+            .collect()
     };
+    let ptx_part_of = deal(&|i, _| i.to_string());
+    let host_part_of = deal(&|i, t| match t {
+        Template::Gemm(gm) => crate::gemm::host_core_symbol(gm),
+        _ => i.to_string(),
+    });
+    let (ptx_part_of, host_part_of) = (&ptx_part_of, &host_part_of);
+
     // LLVM's NVPTX output for our templates differs between the architectures only in the `.target` line (none uses
     // an architecture-specific instruction yet; `codegen/tests/build.rs` checks this on every distinct kernel of the
     // tiny steps), so the higher architectures' modules are the lowest one's text retargeted.
     let base_sm = opts.archs.iter().copied().min().unwrap_or(crate::ptx::MIN_SM);
+    let ptx_part = |part: usize| -> Result<String, CodegenError> {
+        let ctx = Context::create();
+        let module = ctx.create_module(&format!("tunec_kernels{part}"));
+        for (_, t) in distinct.iter().enumerate().filter(|(i, _)| ptx_part_of[*i] == part) {
+            t.emit_ptx(&ctx, &module)?;
+        }
+        let bitcode = crate::ptx::optimize_for_nvptx(&module, base_sm)?;
+        crate::ptx::ptx_from_bitcode(&bitcode, base_sm)
+    };
+    type PtxOut = Result<(u32, String, Vec<Option<KernelResources>>), CodegenError>;
     let assemble = |ptx: String, sm: u32| -> PtxOut {
         let mut res = vec![None; distinct.len()];
         if opts.ptxas {
@@ -226,14 +266,12 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
         }
         Ok((sm, ptx, res))
     };
-    // The host code is compiled as two objects on two threads (kernels dealt out alternately) and linked into one
-    // shared library: the host compile is the longest job of a build.
     type HostPart = Result<(Vec<(usize, String)>, Vec<u8>), CodegenError>;
-    let host_part = |part: usize, parts: usize| -> HostPart {
+    let host_part = |part: usize| -> HostPart {
         let ctx = Context::create();
         let module = ctx.create_module(&format!("tunec_host{part}"));
         let mut llvm = vec![];
-        for (i, t) in distinct.iter().enumerate().skip(part).step_by(parts) {
+        for (i, t) in distinct.iter().enumerate().filter(|(i, _)| host_part_of[*i] == part) {
             let f = t.emit_host(&ctx, &module)?;
             llvm.push((i, if opts.llvm_ir { f.print_to_string().to_string() } else { String::new() }));
         }
@@ -261,26 +299,26 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
     if !distinct.is_empty() {
         let (ptx_results, host_result) = std::thread::scope(|scope| {
             let host_jobs: Vec<_> =
-                if opts.host { (0..2).map(|p| scope.spawn(move || host_part(p, 2))).collect() } else { vec![] };
+                if opts.host { (0..PARTS).map(|p| scope.spawn(move || host_part(p))).collect() } else { vec![] };
             let ptx: Vec<PtxOut> = if opts.archs.is_empty() {
                 vec![]
             } else {
-                match optimized_ptx_ir() {
+                let jobs: Vec<_> = (0..PARTS).map(|p| scope.spawn(move || ptx_part(p))).collect();
+                let texts: Result<Vec<String>, CodegenError> =
+                    jobs.into_iter().map(|j| j.join().expect("PTX thread")).collect();
+                match texts.and_then(|t| crate::ptx::merge_modules(&t)) {
                     Err(e) => vec![Err(e)],
-                    Ok(bitcode) => match crate::ptx::ptx_from_bitcode(&bitcode, base_sm) {
-                        Err(e) => vec![Err(e)],
-                        Ok(base) => {
-                            let jobs: Vec<_> = opts
-                                .archs
-                                .iter()
-                                .map(|&sm| {
-                                    let ptx = crate::ptx::retarget(&base, base_sm, sm);
-                                    scope.spawn(move || assemble(ptx, sm))
-                                })
-                                .collect();
-                            jobs.into_iter().map(|j| j.join().expect("PTX thread")).collect()
-                        }
-                    },
+                    Ok(base) => {
+                        let jobs: Vec<_> = opts
+                            .archs
+                            .iter()
+                            .map(|&sm| {
+                                let ptx = crate::ptx::retarget(&base, base_sm, sm);
+                                scope.spawn(move || assemble(ptx, sm))
+                            })
+                            .collect();
+                        jobs.into_iter().map(|j| j.join().expect("ptxas thread")).collect()
+                    }
                 }
             };
             let host = (!host_jobs.is_empty())

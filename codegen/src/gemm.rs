@@ -27,13 +27,19 @@
 //! 4×4 register block; K advances by 16 through shared-memory tiles of A (64×16) and of the weight (16×64). The
 //! weight tile's loads are the NF4 dequantization prologue; edge tiles are zero-filled (clamped index + select) and
 //! stores are bounds-checked; the LoRA rank update runs in the epilogue per output element, reading `U` and `B`
-//! from global memory. f32 throughout, so the GPU result has the host's tolerance.
+//! from global memory, then the elementwise epilogue (`kernels::gemm::Epilogue`, when present) on the register value
+//! before the stores. f32 throughout, so the GPU result has the host's tolerance.
+//!
+//! # Host epilogues
+//! The host kernel is a thin wrapper around a module-internal GEMM *core* shared by GEMMs that differ only in their
+//! epilogue ([`emit_host`]); the core calls the kernel's epilogue hook on each output panel once it is final (all K
+//! blocks and the LoRA term added), and the hook rewrites the panel in place through the epilogue's loop nest.
 //!
 //! # Numerics
 //! f32 accumulation with fused multiply-adds; NF4 dequantization is separately rounded `(map[c]·absmax2) + offset`
 //! then `nf4[q]·absmax`, exactly `ir::nf4::dequantize` (no contraction: no fast-math flags).
 
-use inkwell::attributes::AttributeLoc;
+use inkwell::attributes::{Attribute, AttributeLoc};
 use inkwell::builder::Builder;
 use inkwell::context::Context;
 use inkwell::module::{Linkage, Module};
@@ -81,18 +87,139 @@ pub fn host_vector_width() -> usize {
 
 /// Adds the host function for `g` to `module` (see the module docs for its ABI). Optimize the module with
 /// [`crate::lower::optimize_host`].
+///
+/// The GEMM itself is the module-internal *core* function [`host_core_symbol`], shared by every GEMM of the module
+/// that differs only in its epilogue (so its compile time is paid once): `void core(ptr bufs, i32 tid, i32 nthreads,
+/// ptr hook, ptr hook_args)` over the buffers `[a, w…, u, b, out]`; after each output panel is final it calls
+/// `hook(hook_args, bt, row0, row1, n0, ncols)` when `hook` is not null. The kernel itself passes its own buffers to
+/// the core and, with an epilogue, a hook that applies it to the panel in place.
 pub fn emit_host<'ctx>(
     ctx: &'ctx Context,
     module: &Module<'ctx>,
     g: &Gemm,
 ) -> Result<FunctionValue<'ctx>, CodegenError> {
-    let func = emit(ctx, module, g, Flavor::Host, host_vector_width())?;
-    // The JIT (MCJIT) and AOT paths compile for the host CPU only when the function says so.
+    Ok(host_kernel(ctx, module, g)?)
+}
+
+fn host_kernel<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, g: &Gemm) -> Kr<FunctionValue<'ctx>> {
+    let core_g = Gemm { epilogue: None, ..g.clone() };
+    let core_sym = host_core_symbol(g);
+    let ptr = ctx.ptr_type(AddressSpace::default());
+    let (i32t, i64t) = (ctx.i32_type(), ctx.i64_type());
+    let core = match module.get_function(&core_sym) {
+        Some(f) => f,
+        None => {
+            let ty = ctx.void_type().fn_type(&[ptr.into(), i32t.into(), i32t.into(), ptr.into(), ptr.into()], false);
+            let f = module.add_function(&core_sym, ty, Some(Linkage::Internal));
+            let b = ctx.create_builder();
+            b.position_at_end(ctx.append_basic_block(f, "entry"));
+            let bufs = load_buffers(ctx, &b, f, core_g.buffers().len())?;
+            let hook = Some((
+                f.get_nth_param(3).expect("hook").into_pointer_value(),
+                f.get_nth_param(4).expect("args").into_pointer_value(),
+            ));
+            let tables = nf4_tables(ctx, module, &core_g, &core_sym, Flavor::Host);
+            let mut gen = Gen { ctx, module, b, func: f, g: &core_g, ix: core_g.buf_ix(), bufs, tables, hook };
+            gen.host(host_vector_width())?;
+            gen.b.build_return(None)?;
+            host_attributes(ctx, f);
+            // Compiled once, not once more per kernel that calls it (with its hook inlined).
+            f.add_attribute(
+                AttributeLoc::Function,
+                ctx.create_enum_attribute(Attribute::get_named_enum_kind_id("noinline"), 0),
+            );
+            f
+        }
+    };
+    let name = g.symbol();
+    let hook = match &g.epilogue {
+        None => None,
+        Some(_) => {
+            let ty = ctx
+                .void_type()
+                .fn_type(&[ptr.into(), i64t.into(), i64t.into(), i64t.into(), i64t.into(), i64t.into()], false);
+            let f = module.add_function(&format!("{name}_epilogue"), ty, Some(Linkage::Internal));
+            let b = ctx.create_builder();
+            b.position_at_end(ctx.append_basic_block(f, "entry"));
+            let bufs = load_buffers(ctx, &b, f, g.buffers().len())?;
+            let mut gen = Gen { ctx, module, b, func: f, g, ix: g.buf_ix(), bufs, tables: None, hook: None };
+            gen.host_epilogue()?;
+            gen.b.build_return(None)?;
+            host_attributes(ctx, f);
+            f.add_attribute(
+                AttributeLoc::Function,
+                ctx.create_enum_attribute(Attribute::get_named_enum_kind_id("noinline"), 0),
+            );
+            Some(f)
+        }
+    };
+    let (func, b, bufs) = kernel_fn(ctx, module, &name, g.buffers().len(), Flavor::Host)?;
+    let (ix, core_ix) = (g.buf_ix(), core_g.buf_ix());
+    let n_core = core_g.buffers().len();
+    let local = b.build_array_alloca(ptr, i64t.const_int(n_core as u64, false), "core_bufs")?;
+    for i in 0..n_core {
+        let v = if i == core_ix.out { bufs[ix.out] } else { bufs[i] };
+        // SAFETY: `local` holds n_core pointers.
+        let slot = unsafe { b.build_in_bounds_gep(ptr, local, &[i64t.const_int(i as u64, false)], "")? };
+        b.build_store(slot, v)?;
+    }
+    let p = |k: u32| func.get_nth_param(k).expect("kernel param");
+    let hook_ptr = hook.map_or(ptr.const_null(), |h| h.as_global_value().as_pointer_value());
+    b.build_call(core, &[local.into(), p(1).into(), p(2).into(), hook_ptr.into(), p(0).into()], "")?;
+    b.build_return(None)?;
+    host_attributes(ctx, func);
+    Ok(func)
+}
+
+/// The module-internal symbol of `g`'s host core (see [`emit_host`]): equal for GEMMs that differ only in name and
+/// epilogue.
+pub fn host_core_symbol(g: &Gemm) -> String {
+    let core = Gemm { name: String::new(), epilogue: None, ..g.clone() };
+    // FNV-1a over the description: stable across runs and processes.
+    let h =
+        format!("{core:?}").bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    format!("tunec_gemm_core_{h:016x}")
+}
+
+/// The JIT (MCJIT) and AOT paths compile for the host CPU only when the function says so.
+fn host_attributes<'ctx>(ctx: &'ctx Context, f: FunctionValue<'ctx>) {
     let cpu = TargetMachine::get_host_cpu_name().to_string();
     let features = TargetMachine::get_host_cpu_features().to_string();
-    func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-cpu", &cpu));
-    func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-features", &features));
-    Ok(func)
+    f.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-cpu", &cpu));
+    f.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-features", &features));
+}
+
+/// Loads the `n` buffer pointers from `f`'s first parameter (an array of pointers).
+fn load_buffers<'ctx>(
+    ctx: &'ctx Context,
+    b: &Builder<'ctx>,
+    f: FunctionValue<'ctx>,
+    n: usize,
+) -> Kr<Vec<PointerValue<'ctx>>> {
+    let ptr = ctx.ptr_type(AddressSpace::default());
+    let args = f.get_nth_param(0).expect("args param").into_pointer_value();
+    (0..n)
+        .map(|k| {
+            // SAFETY: `args` holds one pointer per buffer (the ABI); k < n.
+            let slot = unsafe { b.build_in_bounds_gep(ptr, args, &[ctx.i64_type().const_int(k as u64, false)], "")? };
+            Ok(b.build_load(ptr, slot, &format!("buf{k}"))?.into_pointer_value())
+        })
+        .collect()
+}
+
+fn nf4_tables<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    g: &Gemm,
+    name: &str,
+    flavor: Flavor,
+) -> Option<Nf4Tables<'ctx>> {
+    match g.weight {
+        WeightFormat::F32 => None,
+        WeightFormat::Nf4 { double_quant, .. } => {
+            Some(Nf4Tables::new(ctx, module, name, double_quant.is_some(), flavor))
+        }
+    }
 }
 
 /// Adds the `ptx_kernel` function for `g` to `module` (lower the module with [`crate::ptx::emit_ptx`]).
@@ -101,7 +228,7 @@ pub fn emit_ptx<'ctx>(
     module: &Module<'ctx>,
     g: &Gemm,
 ) -> Result<FunctionValue<'ctx>, CodegenError> {
-    Ok(emit(ctx, module, g, Flavor::Nvptx, 0)?)
+    Ok(emit(ctx, module, g)?)
 }
 
 /// PTX text for `g` alone, for `sm`.
@@ -122,28 +249,17 @@ struct Gen<'a, 'ctx> {
     bufs: Vec<PointerValue<'ctx>>,
     /// The NF4 codebook (16 f32) and, for double quantization, the signed dynamic map (256 f32).
     tables: Option<Nf4Tables<'ctx>>,
+    /// The host core's panel hook and its argument (see [`emit_host`]).
+    hook: Option<(PointerValue<'ctx>, PointerValue<'ctx>)>,
 }
 
-fn emit<'ctx>(
-    ctx: &'ctx Context,
-    module: &Module<'ctx>,
-    g: &Gemm,
-    flavor: Flavor,
-    vw: usize,
-) -> Kr<FunctionValue<'ctx>> {
+/// The NVPTX kernel for `g`.
+fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, g: &Gemm) -> Kr<FunctionValue<'ctx>> {
     let name = g.symbol();
-    let (func, b, bufs) = kernel_fn(ctx, module, &name, g.buffers().len(), flavor)?;
-    let tables = match g.weight {
-        WeightFormat::F32 => None,
-        WeightFormat::Nf4 { double_quant, .. } => {
-            Some(Nf4Tables::new(ctx, module, &name, double_quant.is_some(), flavor))
-        }
-    };
-    let mut gen = Gen { ctx, module, b, func, g, ix: g.buf_ix(), bufs, tables };
-    match flavor {
-        Flavor::Host => gen.host(vw)?,
-        Flavor::Nvptx => gen.nvptx()?,
-    }
+    let (func, b, bufs) = kernel_fn(ctx, module, &name, g.buffers().len(), Flavor::Nvptx)?;
+    let tables = nf4_tables(ctx, module, g, &name, Flavor::Nvptx);
+    let mut gen = Gen { ctx, module, b, func, g, ix: g.buf_ix(), bufs, tables, hook: None };
+    gen.nvptx()?;
     gen.b.build_return(None)?;
     Ok(func)
 }
@@ -243,6 +359,24 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         self.ld_f32(self.bufs[self.ix.u.expect("lora u")], self.add(self.mulc(i, r)?, p)?)
     }
 
+    /// The elementwise epilogue at output element `lin` (over the whole batch) whose GEMM result is `v`.
+    fn epilogue(&mut self, lin: IntValue<'ctx>, v: FloatValue<'ctx>, flavor: Flavor) -> Kr<()> {
+        let e = self.g.epilogue.as_ref().expect("an epilogue");
+        let bufs = self.g.epilogue_buffers().into_iter().map(|k| self.bufs[k]).collect();
+        crate::lower::emit_epilogue_element(
+            self.ctx,
+            self.module,
+            self.func,
+            &self.b,
+            &e.nest,
+            bufs,
+            e.acc,
+            lin,
+            v,
+            flavor,
+        )
+    }
+
     // ---- Host ----
 
     fn host(&mut self, vw: usize) -> Kr<()> {
@@ -284,12 +418,53 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                             s.store_tile(vw, tile, &acc, bt, i0, mend, n0, ncols, Epi::Lora { s: l.s })
                         })?;
                     }
+                    if let Some((hook, hook_args)) = s.hook {
+                        // The panel is final: the kernel's epilogue, if any.
+                        let set = s.b.build_is_not_null(hook, "")?;
+                        s.if_then(set, &mut |s| {
+                            let i64t = s.ctx.i64_type();
+                            let ty = s.ctx.void_type().fn_type(
+                                &[
+                                    hook_args.get_type().into(),
+                                    i64t.into(),
+                                    i64t.into(),
+                                    i64t.into(),
+                                    i64t.into(),
+                                    i64t.into(),
+                                ],
+                                false,
+                            );
+                            let args =
+                                [hook_args.into(), bt.into(), mstart.into(), mend.into(), n0.into(), ncols.into()];
+                            s.b.build_indirect_call(ty, hook, &args, "")?;
+                            Ok(())
+                        })?;
+                    }
                     Ok(vec![])
                 })?;
                 Ok(vec![])
             })?;
             Ok(())
         })
+    }
+
+    /// The body of a kernel's epilogue hook (see [`emit_host`]): the epilogue over rows `[row0, row1)` and columns
+    /// `[n0, n0 + ncols)` of batch entry `bt`, in place over the GEMM result in [`BufIx::out`].
+    fn host_epilogue(&mut self) -> Kr<()> {
+        let g = self.g;
+        let p = |k: u32| self.func.get_nth_param(k).expect("hook param").into_int_value();
+        let (bt, row0, row1, n0, ncols) = (p(1), p(2), p(3), p(4), p(5));
+        self.for_loop("pr", row0, row1, self.i64c(1), &[], &mut |s, row, _| {
+            let base = s.add(s.mulc(bt, g.m * g.n)?, s.add(s.mulc(row, g.n)?, n0)?)?;
+            s.for_loop("pc", s.i64c(0), ncols, s.i64c(1), &[], &mut |s, j, _| {
+                let lin = s.add(base, j)?;
+                let v = s.ld_f32(s.bufs[s.ix.out], lin)?;
+                s.epilogue(lin, v, Flavor::Host)?;
+                Ok(vec![])
+            })?;
+            Ok(vec![])
+        })?;
+        Ok(())
     }
 
     /// Packs `op(k0 + kk, n0 + jj)` for kk < kc, jj < nr into `pack[kk·nr + jj]`, zero for jj ≥ ncols. The loop
@@ -545,7 +720,17 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                             )?;
                             v = s.fma(s.f32c(l.s), low[0].into_float_value(), v)?;
                         }
-                        s.st_f32(out, s.add(s.mulc(row, g.n)?, col)?, v)
+                        let local = s.add(s.mulc(row, g.n)?, col)?;
+                        match &g.epilogue {
+                            None => s.st_f32(out, local, v),
+                            Some(e) => {
+                                if e.store_acc {
+                                    s.st_f32(out, local, v)?;
+                                }
+                                let lin = s.add(s.mulc(bt, g.m * g.n)?, local)?;
+                                s.epilogue(lin, v, Flavor::Nvptx)
+                            }
+                        }
                     })?;
                 }
             }

@@ -9,7 +9,7 @@
 //! - **Host** ([`emit_host`]): `void tunec_<name>(ptr args, i32 tid, i32 nthreads)`, where `args[k]` is argument
 //!   `k`'s pointer. Thread `tid` of `nthreads` takes one contiguous slice of the outer iteration space (elements, or
 //!   rows for row kernels); calling every `tid` in `0..nthreads` (in any order, or concurrently) runs the whole kernel.
-//!   Loops are plain counted loops that O3's loop vectorizer vectorizes ([`optimize_host`]).
+//!   Loops are plain counted loops that LLVM's loop vectorizer vectorizes ([`optimize_host`]).
 //! - **NVPTX** ([`emit_ptx`]): `.entry tunec_<name>(ptr b0, ptr b1, …)` (calling convention 71, `ptx_kernel`),
 //!   one generic pointer per argument in the same order. Elementwise kernels are grid-stride loops (any grid).
 //!   Row kernels take one block per row (grid-stride over rows); `blockDim.x` must be a multiple of 32 and at most
@@ -73,6 +73,53 @@ pub fn nest_to_ptx(nest: &LoopNest, sm: u32) -> Result<String, CodegenError> {
     crate::ptx::emit_ptx(&module, sm)
 }
 
+/// Emits a GEMM's elementwise epilogue (`kernels::gemm::Epilogue`) for one output element at the builder's position:
+/// `nest` evaluated at linear index `lin` with the loads of input buffer `acc` replaced by `value`, every output
+/// stored (all computed before the first store). `bufs[k]` is the pointer of the nest's buffer `k` (all f32). The
+/// builder `b` continues after the emitted code.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn emit_epilogue_element<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    func: FunctionValue<'ctx>,
+    b: &Builder<'ctx>,
+    nest: &LoopNest,
+    bufs: Vec<PointerValue<'ctx>>,
+    acc: usize,
+    lin: IntValue<'ctx>,
+    value: FloatValue<'ctx>,
+    flavor: Flavor,
+) -> Kr<()> {
+    let eb = ctx.create_builder();
+    eb.position_at_end(b.get_insert_block().expect("the builder is positioned"));
+    let first_part = (0..nest.buffers.len()).collect();
+    let mut gen = Gen {
+        ctx,
+        module,
+        b: eb,
+        func,
+        nest,
+        flavor,
+        bufs,
+        first_part,
+        nf4: None,
+        memo: HashMap::new(),
+        stats: HashMap::new(),
+        hoisted: HashMap::new(),
+        seeds_ptr: None,
+        seeds: vec![],
+        scratch: None,
+    };
+    for (e, x) in nest.exprs.iter().enumerate() {
+        if x.op == (ExprOp::Load { buffer: acc }) {
+            gen.memo.insert((e, lin), value.into());
+        }
+    }
+    gen.store_all(Ix { lin, rc: None }, |_| true)?;
+    b.position_at_end(gen.b.get_insert_block().expect("the epilogue builder is positioned"));
+    Ok(())
+}
+
 /// A target machine for the CPU we run on, with its features (AVX2, AVX-512, … where present).
 pub fn host_target_machine() -> Result<TargetMachine, CodegenError> {
     Target::initialize_native(&InitializationConfig::default()).map_err(CodegenError::Jit)?;
@@ -93,14 +140,16 @@ pub fn host_target_machine() -> Result<TargetMachine, CodegenError> {
         .ok_or_else(|| CodegenError::Llvm { stage: "host target", message: format!("no target machine for {cpu}") })
 }
 
-/// Sets the host triple and data layout on `module`, verifies it and runs `default<O3>` (which vectorizes the loops).
+/// Sets the host triple and data layout on `module`, verifies it and runs `default<O2>` (which vectorizes the loops).
+/// O2, not O3: on the SmolLM2 LoRA step the host code is as fast (3.95 vs 3.99 s per step, within run-to-run noise)
+/// and the host compile of the 7B plan takes 1.3 instead of 2.1 CPU-seconds (docs/decisions.md).
 pub fn optimize_host(module: &Module<'_>) -> Result<(), CodegenError> {
     let machine = host_target_machine()?;
     module.set_triple(&machine.get_triple());
     module.set_data_layout(&machine.get_target_data().get_data_layout());
     module.verify().map_err(|e| CodegenError::Llvm { stage: "verify", message: e.to_string() })?;
     module
-        .run_passes("default<O3>", &machine, PassBuilderOptions::create())
+        .run_passes("default<O2>", &machine, PassBuilderOptions::create())
         .map_err(|e| CodegenError::Llvm { stage: "optimize", message: e.to_string() })
 }
 

@@ -88,6 +88,63 @@ pub fn ptx_from_bitcode(bitcode: &[u8], sm: u32) -> Result<String, CodegenError>
     emit_optimized_ptx(&module, sm)
 }
 
+/// One PTX module from modules LLVM generated for the same architecture (a build's parts): the first whole, then
+/// the others without their header (up to and including `.address_size`). Module-level names must be unique across
+/// the parts (kernels and their tables are named after the kernel): a name declared twice is an error, except
+/// identical `.extern` declarations, which are kept once.
+pub fn merge_modules(parts: &[String]) -> Result<String, CodegenError> {
+    let mut out = String::new();
+    let mut names: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for (p, text) in parts.iter().enumerate() {
+        let body = if p == 0 {
+            text.as_str()
+        } else {
+            let at = text.find("\n.address_size").ok_or_else(|| CodegenError::Llvm {
+                stage: "merge PTX",
+                message: format!("part {p} has no .address_size header"),
+            })?;
+            let end = text[at + 1..].find('\n').map_or(text.len(), |e| at + 1 + e + 1);
+            &text[end..]
+        };
+        for line in body.lines() {
+            let Some(name) = module_level_name(line) else {
+                out.push_str(line);
+                out.push('\n');
+                continue;
+            };
+            match names.get(&name) {
+                Some(prev) if prev == line && line.starts_with(".extern") => continue,
+                Some(_) => {
+                    return Err(CodegenError::Llvm {
+                        stage: "merge PTX",
+                        message: format!("`{name}` is declared by two parts of the module"),
+                    })
+                }
+                None => {
+                    names.insert(name, line.to_string());
+                }
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+/// The name a module-level PTX declaration line declares (`.visible .entry k(`, `.global .align 4 .b8 t[64] = …`),
+/// or `None` for other lines (function bodies are indented; `.version`/`.target`/`.address_size` declare nothing).
+fn module_level_name(line: &str) -> Option<String> {
+    if !line.starts_with('.') || line.starts_with(".version") || line.starts_with(".target") {
+        return None;
+    }
+    if line.starts_with(".address_size") {
+        return None;
+    }
+    let tok = line.split_whitespace().find(|t| !t.starts_with('.') && !t.starts_with(|c: char| c.is_ascii_digit()))?;
+    let name: String = tok.chars().take_while(|c| !"([;=,".contains(*c)).collect();
+    (!name.is_empty()).then_some(name)
+}
+
 /// `ptx` (generated for `sm_<from>`) for `sm_<to>`: the `.target` directives changed. Valid when the code uses no
 /// instruction specific to either architecture, which holds for every template today.
 pub fn retarget(ptx: &str, from: u32, to: u32) -> String {
@@ -121,6 +178,40 @@ mod tests {
         let module = ctx.create_module("axpy");
         emit_axpy_kernel(&ctx, &module).expect("emit axpy");
         emit_ptx(&module, sm).expect("emit PTX")
+    }
+
+    #[test]
+    fn merged_modules_keep_one_header_and_refuse_duplicate_names() {
+        let a = axpy_ptx(80);
+        let ctx = Context::create();
+        let module = ctx.create_module("b");
+        crate::gemm::emit_ptx(&ctx, &module, &test_gemm("mm:b")).expect("gemm");
+        let b = emit_ptx(&module, 80).expect("PTX");
+        let merged = merge_modules(&[a.clone(), b]).expect("merge");
+        assert_eq!(merged.matches(".version").count(), 1, "{merged}");
+        assert_eq!(merged.matches(".address_size").count(), 1, "{merged}");
+        assert!(merged.contains(".entry tunec_axpy") && merged.contains(".entry tunec_mm_b"), "{merged}");
+        if crate::ptxas::find_ptxas().is_some() {
+            let report = crate::ptxas::assemble(&merged, 80).expect("ptxas");
+            assert!(report.kernel("tunec_axpy").is_some() && report.kernel("tunec_mm_b").is_some());
+        }
+        let err = merge_modules(&[a.clone(), a]).unwrap_err().to_string();
+        assert!(err.contains("tunec_axpy") && err.contains("two parts"), "{err}");
+    }
+
+    fn test_gemm(name: &str) -> kernels::gemm::Gemm {
+        kernels::gemm::Gemm {
+            name: name.into(),
+            batch: 1,
+            m: 5,
+            n: 7,
+            k: 3,
+            ta: false,
+            tb: true,
+            weight: kernels::gemm::WeightFormat::F32,
+            lora: None,
+            epilogue: None,
+        }
     }
 
     #[test]

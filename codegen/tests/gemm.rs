@@ -244,3 +244,128 @@ fn lora_linear_matches_reference() {
         }
     }
 }
+
+/// Runs kernel group `nodes` of the case's graph (a GEMM with an elementwise epilogue) as a host kernel (2 threads)
+/// through `kernel_interface`, as the backends do, and compares every output with the interpreter within
+/// `tol·(1 + |ref|)`, `tol = 1e-5·sqrt(K)`; the PTX assembles for sm_80 and sm_90. Returns the GEMM.
+fn run_epilogue_case(c: Case, nodes: Vec<ValueId>, outputs: &[ValueId]) -> Gemm {
+    use codegen::build::{emit_host_template, kernel_interface, Template};
+    let mut b = c.b;
+    for (i, &v) in outputs.iter().enumerate() {
+        b.output(OutputKind::Metric(format!("y{i}")), v);
+    }
+    let g = b.finish();
+    let vals = run(&g, &c.env, Precision::F32).expect("interpreter");
+    let k = ir::Kernel { name: format!("gemm:{}", g.name), nodes };
+    let t = Template::of(&g, &k).unwrap_or_else(|e| panic!("{}: {e}", g.name));
+    let Template::Gemm(gemm) = &t else { panic!("{}: not a GEMM template: {t:?}", g.name) };
+    assert!(gemm.epilogue.is_some(), "{}: no epilogue", g.name);
+    let (args, _) = kernel_interface(&g, &k, &t);
+    let n_in = args.len() - t.n_outputs();
+    let mut bufs: Vec<Vec<u32>> = args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let v = ValueId(a.value);
+            let bytes: Vec<u8> = if i >= n_in {
+                (0..g.ty(v).numel()).flat_map(|_| f32::NAN.to_le_bytes()).collect()
+            } else {
+                match &vals[v.index()] {
+                    Value::F(t) => t.to_f32().iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    Value::Q(q) => nf4_buffers(q)[a.part as usize].clone(),
+                    other => panic!("unexpected input {other:?}"),
+                }
+            };
+            let mut w = vec![0u32; bytes.len().div_ceil(4).max(1)];
+            for (j, ch) in bytes.chunks(4).enumerate() {
+                let mut x = [0u8; 4];
+                x[..ch.len()].copy_from_slice(ch);
+                w[j] = u32::from_le_bytes(x);
+            }
+            w
+        })
+        .collect();
+    let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|w| w.as_mut_ptr() as *mut u8).collect();
+    let ctx = Context::create();
+    let module = ctx.create_module(&gemm.symbol());
+    emit_host_template(&ctx, &module, &t).expect("emit host");
+    optimize_host(&module).unwrap_or_else(|e| panic!("{}: {e}\n{}", gemm.name, module.print_to_string()));
+    let engine = module.create_jit_execution_engine(OptimizationLevel::Aggressive).expect("JIT");
+    type HostKernel = unsafe extern "C" fn(*const *mut u8, i32, i32);
+    // SAFETY: every template defines `void sym(ptr, i32, i32)`.
+    let kernel = unsafe { engine.get_function::<HostKernel>(&gemm.symbol()) }.expect("kernel symbol");
+    for tid in 0..2 {
+        // SAFETY: one pointer per argument with the argument's size (the kernel ABI).
+        unsafe { kernel.call(ptrs.as_ptr(), tid, 2) };
+    }
+    let tol = 1e-5 * (gemm.k as f64).sqrt().max(1.0);
+    for (i, a) in args.iter().enumerate().skip(n_in) {
+        let want = &vals[a.value as usize].as_f().expect("float output").data;
+        for (j, &w) in want.iter().enumerate() {
+            let x = f32::from_bits(bufs[i][j]) as f64;
+            assert!((x - w).abs() <= tol + tol * w.abs(), "{}: output %{}[{j}]: got {x}, want {w}", g.name, a.value);
+        }
+    }
+    if require_ptxas() {
+        for sm in [80, 90] {
+            let ptx = gemm_to_ptx(gemm, sm).unwrap_or_else(|e| panic!("{}: PTX for sm_{sm}: {e}", gemm.name));
+            ptxas::assemble(&ptx, sm).unwrap_or_else(|e| panic!("{} sm_{sm}: {e}\n{ptx}", gemm.name));
+        }
+    }
+    gemm.clone()
+}
+
+/// The residual add after o_proj / down_proj: `r + lora_linear(x, W, U, B)` with an NF4 (double quant) or f32
+/// weight; only the sum leaves the kernel, so the GEMM accumulates in the sum's buffer and the add runs in place.
+#[test]
+fn gemm_residual_epilogue_matches_reference() {
+    for nf4w in [true, false] {
+        for (i, &(m, n, k, r)) in [(3, 50, 131, 8), (783, 3, 50, 3), (50, 783, 783, 16)].iter().enumerate() {
+            let mut c = Case::new("residual", (i * 2 + nf4w as usize) as u64 + 40);
+            let x = c.input("x", &[m, k]);
+            let w = if nf4w { c.nf4("w", &[n, k], true) } else { c.input("w", &[n, k]) };
+            let u = c.input("u", &[m, r]);
+            let lb = c.input("b", &[n, r]);
+            let res = c.input("res", &[m, n]);
+            let y = c.b.op(Op::LoraLinear { s: 2.0, tb: true }, &[x, w, u, lb]).unwrap();
+            let z = c.b.add(res, y).unwrap();
+            let gemm = run_epilogue_case(c, vec![y, z], &[z]);
+            assert!(!gemm.epilogue.unwrap().store_acc);
+        }
+    }
+}
+
+/// `swiglu(gate, up)` after the up projection, read through a reshape, with the GEMM result also leaving the kernel
+/// (saved for the backward): two outputs.
+#[test]
+fn gemm_swiglu_epilogue_keeps_the_gemm_result() {
+    for (i, &(m, n, k)) in [(3, 50, 783), (50, 3, 50), (783, 50, 3)].iter().enumerate() {
+        let mut c = Case::new("swiglu", i as u64 + 50);
+        let x = c.input("x", &[m, k]);
+        let w = c.input("w", &[n, k]);
+        let gate = c.input("gate", &[1, m, n]);
+        let y = c.b.matmul(x, w, false, true).unwrap();
+        let yr = c.b.reshape(y, &[1, m, n]).unwrap();
+        let s = c.b.op(Op::Swiglu {}, &[gate, yr]).unwrap();
+        let gemm = run_epilogue_case(c, vec![y, yr, s], &[yr, s]);
+        assert!(gemm.epilogue.unwrap().store_acc);
+    }
+}
+
+/// A broadcast bias, an activation and a constant scale: `0.5·silu(x·W + bias)` on a batched matmul.
+#[test]
+fn gemm_bias_activation_epilogue_matches_reference() {
+    for (i, &(bt, m, n, k)) in [(1, 50, 783, 3), (2, 3, 50, 50)].iter().enumerate() {
+        let mut c = Case::new("bias", i as u64 + 60);
+        let x = c.input("x", &[bt, m, k]);
+        let w = c.input("w", &[bt, k, n]);
+        let bias = c.input("bias", &[n]);
+        let half = c.b.constant(0.5, Type::f32(Vec::<usize>::new())).unwrap();
+        let y = c.b.matmul(x, w, false, false).unwrap();
+        let z = c.b.add(y, bias).unwrap();
+        let a = c.b.op(Op::Silu {}, &[z]).unwrap();
+        let o = c.b.mul(a, half).unwrap();
+        let gemm = run_epilogue_case(c, vec![y, z, a, o], &[o]);
+        assert_eq!(gemm.batch, bt);
+    }
+}

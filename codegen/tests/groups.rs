@@ -25,9 +25,11 @@ fn check_recipe(recipe: &str) {
     let module = ctx.create_module("groups");
     let mut symbol_of_key: HashMap<String, String> = HashMap::new();
     let mut kernels = vec![];
+    let mut with_epilogue = 0;
     for k in &g.kernels {
         let mut t =
             Template::of(&g, k).unwrap_or_else(|e| panic!("{recipe}: kernel `{}` has no template: {e}", k.name));
+        with_epilogue += usize::from(matches!(&t, Template::Gemm(gm) if gm.epilogue.is_some()));
         let n = symbol_of_key.len();
         let sym = symbol_of_key.entry(t.key()).or_insert_with(|| format!("g{n}")).clone();
         let (args, launch) = kernel_interface(&g, k, &t);
@@ -100,7 +102,12 @@ fn check_recipe(recipe: &str) {
         checked += 1;
     }
     assert_eq!(checked, g.kernels.len());
-    eprintln!("{recipe}: {checked} kernel groups ({} distinct) match the interpreter", symbol_of_key.len());
+    // The residual adds after o_proj/down_proj and swiglu after up_proj are GEMM epilogues in every recipe.
+    assert!(with_epilogue > 0, "{recipe}: no GEMM with an elementwise epilogue");
+    eprintln!(
+        "{recipe}: {checked} kernel groups ({} distinct, {with_epilogue} GEMMs with epilogues) match the interpreter",
+        symbol_of_key.len()
+    );
 }
 
 #[test]

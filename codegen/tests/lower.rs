@@ -400,7 +400,22 @@ fn other_templates_ops_are_unsupported() {
     let groups = passes::fuse::partition(&g);
     assert_eq!(groups.len(), 1, "the scale is the matmul's epilogue");
     assert_eq!(LoopNest::from_group(&g, &groups[0]), Err(LoopError::Unsupported("matmul".into())));
-    // No template has a matmul with an epilogue yet: `fuse` splits the group into covered kernels.
+    // The GEMM template takes the scale as its elementwise epilogue: one kernel.
+    Fuse.run(&mut g).unwrap();
+    assert_eq!(g.kernels.len(), 1);
+    assert!(kernels::template::Template::covers(&g, &g.kernels[0]));
+
+    // An epilogue that reads the GEMM result at another element (a broadcast) is not covered: `fuse` splits the
+    // group into covered kernels.
+    let mut b = Builder::new("mm");
+    let x = b.input("x", Type::f32(vec![2, 3])).unwrap();
+    let w = b.input("w", Type::f32(vec![4, 3])).unwrap();
+    let y = b.matmul(x, w, false, true).unwrap();
+    let z = b.broadcast_to(y, &[5, 2, 4]).unwrap();
+    let z = b.scale(z, 2.0).unwrap();
+    b.output(OutputKind::Logits, z);
+    let mut g = b.finish();
+    assert_eq!(passes::fuse::partition(&g).len(), 1);
     Fuse.run(&mut g).unwrap();
     assert_eq!(g.kernels.len(), 2);
     assert!(g.kernels.iter().all(|k| kernels::template::Template::covers(&g, k)));

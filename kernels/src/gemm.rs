@@ -17,9 +17,20 @@
 //!
 //! So `matmul` takes `[a, b, out]`; `qmatmul` takes `[x, packed, absmax_codes, absmax2, offset, out]` (or
 //! `[x, packed, absmax, out]`); `lora_linear` takes `[x, W…, u, b, out]` with `W…` one f32 buffer or the NF4 buffers.
+//!
+//! # Epilogues
+//! A GEMM may carry an elementwise [`Epilogue`]: a loop nest over the output's elements (the residual `add` after
+//! o_proj/down_proj, `swiglu` after up_proj, a `scale`, gradient sums in the backward) evaluated on each output
+//! element as soon as it is final, so the GEMM result never makes a round trip through memory for it. Its buffers
+//! follow the GEMM's inputs: the epilogue's other inputs (f32, in the nest's order), then the outputs — the GEMM
+//! result first when something outside the kernel reads it ([`Epilogue::store_acc`]), then the nest's outputs.
+//! Without `store_acc` the first nest output is where the GEMM accumulates (the host kernel sums K blocks in
+//! memory), and the epilogue overwrites it in place, element by element.
 
 use ir::nf4::{Nf4Scales, Nf4Tensor};
-use ir::{DType, Graph, Op, ValueId};
+use ir::{DType, Graph, Kernel, Op, ValueId};
+
+use crate::loops::{Elem, ExprOp, Iteration, LoopNest};
 
 /// Why a node cannot be described as a [`Gemm`].
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -76,6 +87,8 @@ pub struct BufIx {
     /// LoRA `U` and `B`.
     pub u: Option<usize>,
     pub lb: Option<usize>,
+    /// Where the GEMM result goes: the first output (with an epilogue without `store_acc`, the first epilogue
+    /// output, overwritten in place by the epilogue).
     pub out: usize,
 }
 
@@ -92,6 +105,31 @@ pub struct Gemm {
     pub tb: bool,
     pub weight: WeightFormat,
     pub lora: Option<Lora>,
+    /// Elementwise ops applied to each output element (see the module docs).
+    pub epilogue: Option<Epilogue>,
+}
+
+/// An elementwise loop nest fused after a GEMM (see the module docs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Epilogue {
+    /// Over the GEMM output's elements; one of its input buffers is the GEMM result.
+    pub nest: LoopNest,
+    /// The nest's input buffer that holds the GEMM result (its loads read the accumulator).
+    pub acc: usize,
+    /// Whether the GEMM result itself is a kernel output (read outside the kernel, or a graph output).
+    pub store_acc: bool,
+}
+
+impl Epilogue {
+    /// The nest's inputs other than the GEMM result, in order (the kernel's extra input buffers).
+    pub fn extra_inputs(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.nest.n_inputs).filter(move |&b| b != self.acc)
+    }
+}
+
+/// Whether `op` is one the GEMM template lowers.
+pub fn is_gemm_op(op: &Op) -> bool {
+    matches!(op, Op::MatMul { .. } | Op::QMatMul { .. } | Op::LoraLinear { .. })
 }
 
 impl Gemm {
@@ -139,7 +177,94 @@ impl Gemm {
         let (m, n) = (out.shape[r - 2], out.shape[r - 1]);
         let k = if ta { a.shape[r - 2] } else { a.shape[r - 1] };
         let batch = out.shape[..r - 2].iter().product();
-        Ok(Gemm { name: name.to_string(), batch, m, n, k, ta, tb, weight, lora })
+        Ok(Gemm { name: name.to_string(), batch, m, n, k, ta, tb, weight, lora, epilogue: None })
+    }
+
+    /// Describes kernel group `k` of `g` as its one GEMM node, aliasing views of it, and an elementwise epilogue over
+    /// the GEMM's output (see the module docs); `Err` when the group is not of that form.
+    pub fn from_group(g: &Graph, k: &Kernel) -> Result<Gemm, GemmError> {
+        let unsupported = |why: String| Err(GemmError::Unsupported(format!("kernel `{}`: {why}", k.name)));
+        let gemms: Vec<ValueId> = k.nodes.iter().copied().filter(|&v| is_gemm_op(&g.node(v).op)).collect();
+        let [anchor] = gemms[..] else { return unsupported(format!("{} GEMM nodes", gemms.len())) };
+        let mut gm = Gemm::from_node(g, anchor, &k.name)?;
+        let mut sorted = k.nodes.clone();
+        sorted.sort_unstable();
+        let member = |v: ValueId| sorted.binary_search(&v).is_ok();
+        // Each member's root through aliasing views; the GEMM result is read outside when a value rooted at it is.
+        let view = |v: ValueId| matches!(g.node(v).op, Op::Reshape { .. } | Op::StopGradient {});
+        let rooted_at_anchor = |mut v: ValueId| loop {
+            if v == anchor {
+                return true;
+            }
+            if !(view(v) && member(v)) {
+                return false;
+            }
+            v = g.node(v).inputs[0];
+        };
+        let rest: Vec<ValueId> = k.nodes.iter().copied().filter(|&v| v != anchor).collect();
+        if rest.iter().all(|&v| rooted_at_anchor(v)) {
+            return Ok(gm);
+        }
+        // Values read after the group's first node by a node outside it (readers follow their inputs).
+        let first = sorted[0];
+        let mut outside: std::collections::HashSet<ValueId> = g.outputs.iter().map(|o| o.value).collect();
+        for u in g.ids().skip(first.index() + 1).filter(|&u| !member(u)) {
+            outside.extend(g.node(u).inputs.iter().copied().filter(|&v| member(v)));
+        }
+        let read_outside = |v: ValueId| outside.contains(&v);
+        let store_acc = read_outside(anchor) || rest.iter().any(|&v| rooted_at_anchor(v) && read_outside(v));
+        let sub = Kernel { name: k.name.clone(), nodes: rest };
+        let mut nest = LoopNest::from_group(g, &sub).map_err(|e| GemmError::Unsupported(e.to_string()))?;
+        // Outputs that are views of the GEMM result are the result's own buffer (`store_acc`), not nest outputs.
+        let n_in = nest.n_inputs;
+        let keep: Vec<bool> =
+            nest.buffers.iter().enumerate().map(|(i, b)| i < n_in || !rooted_at_anchor(b.value)).collect();
+        let mut new_ix = vec![usize::MAX; keep.len()];
+        let mut kept = 0;
+        for (i, &kp) in keep.iter().enumerate() {
+            if kp {
+                new_ix[i] = kept;
+                kept += 1;
+            }
+        }
+        nest.stores.retain(|s| keep[s.buffer]);
+        nest.stores.iter_mut().for_each(|s| s.buffer = new_ix[s.buffer]);
+        let mut i = 0;
+        nest.buffers.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+        if nest.stores.is_empty() {
+            return unsupported("the epilogue has no outputs".into());
+        }
+        let len = gm.batch * gm.m * gm.n;
+        if nest.iteration != (Iteration::Elements { len }) {
+            return unsupported(format!("the epilogue iterates {:?}, not the {len} output elements", nest.iteration));
+        }
+        if !nest.seeds.is_empty() || nest.buffers.iter().any(|b| b.elem != Elem::F32) {
+            return unsupported("the epilogue reads non-f32 buffers or dropout seeds".into());
+        }
+        let Some(acc) = nest.inputs().iter().position(|b| b.value == anchor) else {
+            return unsupported("the epilogue does not read the GEMM result".into());
+        };
+        // Every expression that depends on the GEMM result is evaluated at the output element's own index.
+        let mut dep = vec![false; nest.exprs.len()];
+        for (e, x) in nest.exprs.iter().enumerate() {
+            dep[e] = matches!(x.op, ExprOp::Load { buffer } if buffer == acc) || x.args.iter().any(|&a| dep[a]);
+            let elementwise = !matches!(
+                x.op,
+                ExprOp::Strided { .. }
+                    | ExprOp::Concat { .. }
+                    | ExprOp::Broadcast
+                    | ExprOp::AdamWMoment { .. }
+                    | ExprOp::AdamWUpdate { .. }
+            ) && !x.op.is_row_op();
+            if dep[e] && (!elementwise || x.numel() != len) {
+                return unsupported(format!("the epilogue reads the GEMM result through {:?}", x.op));
+            }
+        }
+        gm.epilogue = Some(Epilogue { nest, acc, store_acc });
+        Ok(gm)
     }
 
     /// Elements of the weight (per batch entry for an f32 weight).
@@ -172,8 +297,47 @@ impl Gemm {
             v.push(f("u", self.m * l.rank));
             v.push(f("b", l.rank * self.n));
         }
-        v.push(f("out", self.batch * self.m * self.n));
+        let out = self.batch * self.m * self.n;
+        match &self.epilogue {
+            None => v.push(f("out", out)),
+            Some(e) => {
+                v.extend(e.extra_inputs().map(|b| f("epilogue_in", e.nest.buffers[b].numel())));
+                if e.store_acc {
+                    v.push(f("out", out));
+                }
+                v.extend(e.nest.outputs().iter().map(|b| f("epilogue_out", b.numel())));
+            }
+        }
         v
+    }
+
+    /// How many of the kernel's buffers are outputs (the last ones).
+    pub fn n_outputs(&self) -> usize {
+        match &self.epilogue {
+            None => 1,
+            Some(e) => usize::from(e.store_acc) + e.nest.outputs().len(),
+        }
+    }
+
+    /// The kernel buffer of each of the epilogue nest's buffers (the GEMM result's maps to [`BufIx::out`]).
+    pub fn epilogue_buffers(&self) -> Vec<usize> {
+        let Some(e) = &self.epilogue else { return vec![] };
+        let ix = self.buf_ix();
+        let mut extra = ix.out - e.nest.n_inputs + 1;
+        let mut out = ix.out + usize::from(e.store_acc);
+        (0..e.nest.buffers.len())
+            .map(|b| {
+                if b == e.acc {
+                    ix.out
+                } else if b < e.nest.n_inputs {
+                    extra += 1;
+                    extra - 1
+                } else {
+                    out += 1;
+                    out - 1
+                }
+            })
+            .collect()
     }
 
     /// Buffer indices by role.
@@ -193,6 +357,9 @@ impl Gemm {
             ix.u = Some(next);
             ix.lb = Some(next + 1);
             next += 2;
+        }
+        if let Some(e) = &self.epilogue {
+            next += e.nest.n_inputs - 1;
         }
         ix.out = next;
         ix

@@ -436,7 +436,8 @@ fn build(g: &Graph, kernel: &Kernel) -> Result<LoopNest, LoopError> {
 
     // Outputs: member values read outside the group or returned by the graph.
     let mut used_outside = vec![false; g.nodes.len()];
-    for (i, n) in g.nodes.iter().enumerate() {
+    // Nodes before the first member cannot read members (inputs come first).
+    for (i, n) in g.nodes.iter().enumerate().skip(members.first().map_or(0, |m| m.index() + 1)) {
         if !is_member(ValueId(i as u32)) {
             for v in &n.inputs {
                 used_outside[v.index()] = true;

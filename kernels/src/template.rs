@@ -3,7 +3,7 @@
 
 use ir::{Graph, Kernel, Op, ValueId};
 
-use crate::gemm::Gemm;
+use crate::gemm::{is_gemm_op, Gemm};
 use crate::loops::LoopNest;
 use crate::nn::NnKernel;
 
@@ -12,7 +12,8 @@ use crate::nn::NnKernel;
 pub enum Template {
     /// Elementwise, data-movement (slice, concat) and reduction groups (`kernels::loops`).
     Loops(LoopNest),
-    /// GEMMs: matmul, qmatmul (NF4 prologue), lora_linear (rank-r epilogue) (`kernels::gemm`).
+    /// GEMMs: matmul, qmatmul (NF4 prologue), lora_linear (rank-r epilogue), with elementwise epilogues
+    /// (`kernels::gemm`).
     Gemm(Gemm),
     /// Attention (+ backward), RoPE, embedding (+ backward), cross-entropy (+ linear, + backward) (`kernels::nn`).
     Nn(NnKernel),
@@ -30,10 +31,10 @@ impl Template {
             Ok(n) => return Ok(Template::Loops(n)),
             Err(e) => e.to_string(),
         };
+        if k.nodes.iter().any(|&v| is_gemm_op(&g.node(v).op)) {
+            return Gemm::from_group(g, k).map(Template::Gemm).map_err(|e| e.to_string());
+        }
         if let Some(v) = Template::anchor(g, k) {
-            if let Ok(gm) = Gemm::from_node(g, v, &k.name) {
-                return Ok(Template::Gemm(gm));
-            }
             if let Ok(nn) = NnKernel::from_node(g, v, &k.name) {
                 return Ok(Template::Nn(nn));
             }
@@ -57,7 +58,12 @@ impl Template {
     pub fn rename(&mut self, name: String) {
         match self {
             Template::Loops(n) => n.name = name,
-            Template::Gemm(gm) => gm.name = name,
+            Template::Gemm(gm) => {
+                if let Some(e) = &mut gm.epilogue {
+                    e.nest.name = name.clone();
+                }
+                gm.name = name
+            }
             Template::Nn(nn) => nn.name = name,
         }
     }
@@ -67,7 +73,7 @@ impl Template {
         match self {
             Template::Loops(n) => n.buffers.len() - n.n_inputs,
             Template::Nn(nn) => nn.buffers.len() - nn.n_inputs,
-            Template::Gemm(_) => 1,
+            Template::Gemm(gm) => gm.n_outputs(),
         }
     }
 
@@ -97,7 +103,11 @@ impl Template {
                 n.seeds.clear();
             }
             Template::Nn(nn) => nn.buffers.iter_mut().for_each(|b| b.value = ValueId(0)),
-            Template::Gemm(_) => {}
+            Template::Gemm(gm) => {
+                if let Some(e) = &mut gm.epilogue {
+                    e.nest.buffers.iter_mut().for_each(|b| b.value = ValueId(0));
+                }
+            }
         }
         format!("{t:?}")
     }

@@ -337,8 +337,9 @@ pub fn partition(g: &Graph) -> Vec<Kernel> {
 }
 
 /// Splits every group no kernel template covers (`kernels::template`) into groups that are covered: the anchor with
-/// its aliasing views; the rest of the group before it (what feeds the anchor) and after it, each as one loop nest
-/// when a template covers that, else one kernel per node (aliasing views staying with the node they view). Splitting
+/// its aliasing views and, when a template covers that (a GEMM with an elementwise epilogue), the rest of the group
+/// after it; the rest of the group before it (what feeds the anchor) and after it, each as one loop nest when a
+/// template covers that, else one kernel per node (aliasing views staying with the node they view). Splitting
 /// a convex group keeps the kernel graph acyclic: a path between two pieces through another kernel would have been
 /// a path out of and back into the group. Returns how many groups were split.
 pub fn split_uncovered(g: &mut Graph) -> usize {
@@ -385,7 +386,18 @@ pub fn split_uncovered(g: &mut Graph) -> usize {
                 let rest = |pre: bool| -> Vec<ValueId> {
                     k.nodes.iter().copied().filter(|&v| owner(v) != a && feeds[owner(v).index()] == pre).collect()
                 };
-                for part in [rest(true), head, rest(false)] {
+                // The anchor with its epilogue when a template covers that (a GEMM's elementwise epilogue).
+                let (head, post) = {
+                    let (head, post) = (head, rest(false));
+                    let whole: Vec<ValueId> =
+                        k.nodes.iter().copied().filter(|v| head.contains(v) || post.contains(v)).collect();
+                    if !post.is_empty() && Template::covers(g, &Kernel { name: k.name.clone(), nodes: whole.clone() }) {
+                        (whole, vec![])
+                    } else {
+                        (head, post)
+                    }
+                };
+                for part in [rest(true), head, post] {
                     if part.is_empty() {
                         continue;
                     }
