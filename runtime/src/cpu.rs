@@ -585,7 +585,13 @@ impl CpuBackend {
                 Ok(())
             }
             DType::Nf4(f) => {
-                let q = ir::nf4::quantize(data, &b.shape, f.block as usize, f.double_quant.map(|b2| b2 as usize));
+                let q = ir::nf4::quantize_parallel(
+                    data,
+                    &b.shape,
+                    f.block as usize,
+                    f.double_quant.map(|b2| b2 as usize),
+                    crate::cpu::default_threads(),
+                );
                 self.set_param_nf4(name, &q)
             }
             other => Err(RuntimeError::Unsupported(format!(

@@ -539,6 +539,23 @@ impl CudaBackend {
         &self.device
     }
 
+    /// Device memory in use on this GPU (total − free, as the driver reports it: this process's context and
+    /// allocations, and any other process's).
+    pub fn memory_in_use(&self) -> Result<u64, CudaError> {
+        let (free, total) = self.ctx.mem_get_info().map_err(driver("querying device memory".to_string()))?;
+        Ok((total - free) as u64)
+    }
+
+    /// Bytes this backend allocated on the device: the persistent region, the arena, NF4 parts, constants, seeds and
+    /// scratch.
+    pub fn allocated_bytes(&self) -> u64 {
+        let nf4: usize =
+            self.params.iter().filter_map(|p| p.nf4.as_ref()).flat_map(|n| n.parts.iter().map(|b| b.len)).sum();
+        let consts: usize = self._const_args.iter().map(|(_, b)| b.len).sum::<usize>()
+            + self._seed_args.iter().map(|b| b.len).sum::<usize>();
+        (self.persistent.len + self.arena.len + self.scratch.len + nf4 + consts) as u64
+    }
+
     /// The PTX architecture loaded (90 for sm_90).
     pub fn ptx_arch(&self) -> u32 {
         self.ptx_sm
@@ -633,7 +650,13 @@ impl CudaBackend {
                 Ok(())
             }
             DType::Nf4(f) => {
-                let q = ir::nf4::quantize(data, &b.shape, f.block as usize, f.double_quant.map(|b2| b2 as usize));
+                let q = ir::nf4::quantize_parallel(
+                    data,
+                    &b.shape,
+                    f.block as usize,
+                    f.double_quant.map(|b2| b2 as usize),
+                    crate::cpu::default_threads(),
+                );
                 self.set_param_nf4(name, &q)
             }
             other => Err(RuntimeError::Unsupported(format!(

@@ -6,6 +6,7 @@
 //! without panicking when there is no driver, and the `cuda` backend ([`cuda_backend::CudaBackend`]), which runs a
 //! plan's PTX kernels on a GPU with the same plan semantics as the cpu backend.
 
+pub mod bench;
 pub mod cli;
 pub mod cpu;
 pub mod cuda;

@@ -1,6 +1,5 @@
 //! The `tunec` command line: compile recipes to IR and to plans (`-o plan.bin`), inspect plans, check the toolchain.
 
-mod bench;
 mod cmd_model;
 mod cmd_run;
 mod plan_source;
@@ -41,27 +40,7 @@ enum Command {
     Merge(cmd_model::MergeArgs),
     /// Time training steps of a plan (seeded random weights and tokens) on the cpu backend, the cuda backend and/or
     /// the reference interpreter; prints a table and writes JSON.
-    Bench {
-        /// The plan, e.g. plan.bin (from `tunec compile ... -o plan.bin`)
-        plan: PathBuf,
-        /// Backends to time: cpu, cuda, interp (the interpreter runs one step).
-        #[arg(long = "backend", default_values_t = vec!["cpu".to_string()])]
-        backends: Vec<String>,
-        /// Measured steps (after the warm-up).
-        #[arg(long, default_value_t = 3)]
-        steps: usize,
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-        /// Threads of the cpu backend.
-        #[arg(long, default_value_t = runtime::cpu::default_threads())]
-        threads: usize,
-        /// Write the results as JSON to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Time the last cpu step kernel by kernel and print the time per kernel kind.
-        #[arg(long)]
-        profile: bool,
-    },
+    Bench(runtime::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -127,9 +106,7 @@ fn main() -> ExitCode {
         Command::Import(args) => cmd_model::import(&args),
         Command::Generate(args) => cmd_model::generate(&args),
         Command::Merge(args) => cmd_model::merge(&args),
-        Command::Bench { plan, backends, steps, warmup, threads, json, profile } => {
-            bench::run(&plan, &backends, steps, warmup, threads, profile, json.as_deref())
-        }
+        Command::Bench(args) => runtime::bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,9 +22,22 @@ pub struct RandomData {
 }
 
 impl RandomData {
+    /// Element `i` is a function of (seed, name, i) alone; large tensors are filled on every core (a 7B model's
+    /// weights are 6.7 G values).
     fn uniform(&self, name: &str, n: usize, scale: f32) -> Vec<f32> {
         let s = ir::init::param_seed(self.seed, name);
-        (0..n).map(|i| scale * (2.0 * ir::rng::uniform(s, 11, i as u64) - 1.0)).collect()
+        let mut out = vec![0f32; n];
+        let chunk = n.div_ceil(crate::cpu::default_threads()).max(1 << 16);
+        std::thread::scope(|scope| {
+            for (c, part) in out.chunks_mut(chunk).enumerate() {
+                scope.spawn(move || {
+                    for (j, x) in part.iter_mut().enumerate() {
+                        *x = scale * (2.0 * ir::rng::uniform(s, 11, (c * chunk + j) as u64) - 1.0);
+                    }
+                });
+            }
+        });
+        out
     }
 
     /// A frozen (loaded) parameter's values.
