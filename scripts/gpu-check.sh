@@ -6,8 +6,9 @@
 #       cpu backend — every kernel of the 7B plan at its real shapes, compared through the step's loss and every
 #       trainable parameter and optimizer state (cuda_step, 1 step);
 #   (b) speed: QLoRA on the Llama-2-7B shape (r=16 on all linear layers, micro-batch 4 x 512 and 1 x 2048) — ours
-#       (`tunec-runner bench --backend cuda`, seeded random weights) vs PyTorch + transformers + PEFT + bitsandbytes
-#       (tests/bench/gpu_qlora_step.py, bf16 compute) in the same run: tokens/s, step time, MFU, peak memory, ratio.
+#       (`tunec-runner bench --backend cuda`, seeded random weights; plans with f32 SIMT GEMMs and with bf16
+#       tensor-core GEMMs) vs PyTorch + transformers + PEFT + bitsandbytes (tests/bench/gpu_qlora_step.py, bf16
+#       compute) in the same run: tokens/s, step time, MFU, device memory, ratio.
 # Prints a table at the end and writes every number to the JSON file --json names.
 #
 # Usage: scripts/gpu-check.sh [--json PATH] [--steps N] [--smoke]
@@ -39,7 +40,9 @@ if [ "$smoke" = 1 ]; then
   runner=target/release/tunec-runner
   mkdir -p "$work/plans"
   target/release/tunec compile examples/tiny.qlora.rs --target cpu -o "$work/plans/tiny.qlora.plan" 2>&1 | grep -E "^wrote"
-  plans=("$work/plans/tiny.qlora.plan")
+  target/release/tunec compile examples/tiny.qlora.rs --target cpu --gemm-precision bf16 \
+    -o "$work/plans/tiny.qlora.bf16.plan" 2>&1 | grep -E "^wrote"
+  plans=("$work/plans/tiny.qlora.plan" "$work/plans/tiny.qlora.bf16.plan")
   backend=cpu
   venv="${TUNEC_REF_VENV:-$HOME/.cache/tunec/ref-venv}"
   [ -x "$venv/bin/python" ] || tests/bench/run.sh --help >/dev/null
@@ -109,12 +112,13 @@ ours = {}
 for f in sorted(glob.glob(os.path.join(work, "ours_*.json"))):
     d = json.load(open(f))
     r = d["results"][0]
-    ours[f"{d['micro_batch']}x{d['seq_len']}"] = {**r, "plan": d["plan"], "recipe": d["recipe"]}
+    prec = "bf16" if ".bf16." in os.path.basename(d["plan"]) else "f32"
+    ours[(f"{d['micro_batch']}x{d['seq_len']}", prec)] = {**r, "plan": d["plan"], "recipe": d["recipe"], "gemm": prec}
 peft = json.load(open(os.path.join(work, "peft.json"))) if os.path.exists(os.path.join(work, "peft.json")) else {}
 peft_rows = {}
 for r in peft.get("results", []):
     peft_rows[f"{r.get('batch')}x{r.get('seq')}"] = r
-summary["ours"], summary["peft"] = ours, peft
+summary["ours"], summary["peft"] = {f"{c} {p}": v for (c, p), v in ours.items()}, peft
 
 def g(d, *keys):
     for k in keys:
@@ -123,10 +127,11 @@ def g(d, *keys):
     return None
 
 rows = []
-print(f"{'config':<9} {'ours tok/s':>11} {'peft tok/s':>11} {'ratio':>6} {'ours s':>8} {'peft s':>8} "
+print(f"{'config':<9} {'gemm':<5} {'ours tok/s':>11} {'peft tok/s':>11} {'ratio':>6} {'ours s':>8} {'peft s':>8} "
       f"{'ours MFU':>9} {'peft MFU':>9} {'ours GiB':>9} {'peft GiB':>9}")
-for cfg in sorted(set(ours) | set(peft_rows)):
-    o, p = ours.get(cfg, {}), peft_rows.get(cfg, {})
+keys = sorted(set(ours) | {(c, "f32") for c in peft_rows if not any(k[0] == c for k in ours)})
+for cfg, prec in keys:
+    o, p = ours.get((cfg, prec), {}), peft_rows.get(cfg, {})
     ot, pt = g(o, "tokens_per_s"), g(p, "tokens_per_s", "tok_per_s")
     ratio = ot / pt if ot and pt else None
     om, pm = g(o, "mfu_nominal"), g(p, "mfu_nominal")
@@ -135,10 +140,10 @@ for cfg in sorted(set(ours) | set(peft_rows)):
     pgib = g(p, "peak_allocated_GiB")
     fmt = lambda x, f: ("-" if x is None else format(x, f))
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
-    print(f"{cfg:<9} {fmt(ot, '11.1f')} {fmt(pt, '11.1f')} {fmt(ratio, '6.2f')} {fmt(g(o, 'median_s'), '8.3f')} "
+    print(f"{cfg:<9} {prec:<5} {fmt(ot, '11.1f')} {fmt(pt, '11.1f')} {fmt(ratio, '6.2f')} {fmt(g(o, 'median_s'), '8.3f')} "
           f"{fmt(g(p, 'median_s'), '8.3f')} {pct(om):>9} {pct(pm):>9} "
           f"{fmt(ogib, '9.2f')} {fmt(pgib, '9.2f')}")
-    rows.append({"config": cfg, "ours_tokens_per_s": ot, "peft_tokens_per_s": pt, "ratio": ratio,
+    rows.append({"config": cfg, "ours_gemm": prec, "ours_tokens_per_s": ot, "peft_tokens_per_s": pt, "ratio": ratio,
                  "ours_mfu": om, "peft_mfu": pm, "ours_allocated_gib": ogib, "peft_peak_allocated_gib": pgib,
                  "ours_peak_in_use_gib": (g(o, "peak_in_use_bytes") or 0) / 2**30 or None,
                  "peft_peak_reserved_gib": g(p, "peak_reserved_GiB"), "peft_error": g(p, "error")})

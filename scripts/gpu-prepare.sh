@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds everything scripts/gpu-check.sh needs on a GPU host (which has no Rust toolchain and takes small uploads)
-# into target/gpu-carry/ (about 35 MiB; the device tool carries at most 64 MiB):
+# into target/gpu-carry/ (about 50 MiB; the device tool carries at most 64 MiB):
 #   tunec-runner (stripped)           the slim runner: `bench` times plans on the cuda backend
 #   gpu_check, cuda_step (stripped)   kernel cases vs the interpreter; whole steps on the GPU vs the cpu backend
 #   gpucheck.tgz                      every kernel of the tiny LoRA/QLoRA/DoRA/QDoRA steps with reference outputs
-#   plans/*.plan                      the 7B QLoRA benchmark plans (tests/bench/recipes: r=16, 4x512 and 1x2048)
+#   plans/*.plan                      the 7B QLoRA benchmark plans (tests/bench/recipes: r=16, 4x512 and 1x2048),
+#                                     with f32 SIMT GEMMs and with bf16 tensor-core GEMMs (`--gemm-precision bf16`)
 #   bnb.tgz                           bitsandbytes 0.50.2 (CUDA 12.8/13.0/13.2 libraries only) for the PEFT baseline
 # Usage: scripts/gpu-prepare.sh      (then carry target/gpu-carry and run scripts/gpu-check.sh there)
 set -euo pipefail
@@ -21,6 +22,8 @@ cargo run --release -q -p codegen --example dump_gpu_cases -- target/gpucheck
 tar czf "$out/gpucheck.tgz" -C target gpucheck
 for r in tests/bench/recipes/*.rs; do
   target/release/tunec compile "$r" -o "$out/plans/$(basename "$r" .rs).plan" 2>&1 | grep -E "^(codegen|wrote)"
+  target/release/tunec compile "$r" --gemm-precision bf16 -o "$out/plans/$(basename "$r" .rs).bf16.plan" 2>&1 \
+    | grep -E "^(codegen|wrote)"
 done
 # bitsandbytes from the reference venv (tests/bench/run.sh creates it), without the ROCm/XPU/old-CUDA libraries.
 venv="${TUNEC_REF_VENV:-$HOME/.cache/tunec/ref-venv}"

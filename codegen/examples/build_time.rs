@@ -13,9 +13,18 @@ fn main() {
     let cases: [(&str, BuildOptions); 5] = [
         ("full", BuildOptions::default()),
         ("no ptxas", BuildOptions { ptxas: false, ..BuildOptions::default() }),
-        ("host only", BuildOptions { archs: vec![], ptxas: false, host: true, llvm_ir: false }),
-        ("sm_90 only", BuildOptions { archs: vec![90], ptxas: false, host: false, llvm_ir: false }),
-        ("sm_90 + ptxas", BuildOptions { archs: vec![90], ptxas: true, host: false, llvm_ir: false }),
+        (
+            "host only",
+            BuildOptions { archs: vec![], ptxas: false, host: true, llvm_ir: false, ..BuildOptions::default() },
+        ),
+        (
+            "sm_90 only",
+            BuildOptions { archs: vec![90], ptxas: false, host: false, llvm_ir: false, ..BuildOptions::default() },
+        ),
+        (
+            "sm_90 + ptxas",
+            BuildOptions { archs: vec![90], ptxas: true, host: false, llvm_ir: false, ..BuildOptions::default() },
+        ),
     ];
     // Per distinct kernel: host emission + optimization + object code, alone.
     let mut seen = std::collections::HashSet::new();

@@ -67,7 +67,61 @@ fn main() {
             }
             std::fs::write(dir.join("meta.txt"), meta).expect("write");
             cases += 1;
+            // The bf16 tensor-core variant of each GEMM without an epilogue, against its exact reference (bf16
+            // operands, f64 sums): the tolerance is the f32 accumulation's, loosened for the tensor cores' adder.
+            if let Template::Gemm(gm) = &t {
+                if gm.epilogue.is_none() {
+                    let bf = kernels::gemm::Gemm { precision: kernels::gemm::GemmPrecision::Bf16, ..gm.clone() };
+                    bf16_case(&out.join(format!("{:03}", cases)), recipe, &k.name, &g, k, &bf, &vals, &bufs);
+                    cases += 1;
+                }
+            }
         }
     }
     println!("wrote {cases} kernel cases to {} ({skipped} kernels need other templates)", out.display());
+}
+
+/// Writes the case of `gm` (a bf16 GEMM) for the group `k`, whose f32 case's buffers are `bufs`.
+#[allow(clippy::too_many_arguments)]
+fn bf16_case(
+    dir: &std::path::Path,
+    recipe: &str,
+    name: &str,
+    g: &ir::Graph,
+    k: &ir::Kernel,
+    gm: &kernels::gemm::Gemm,
+    vals: &[Value],
+    bufs: &[(&'static str, Vec<u8>)],
+) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let t = Template::Gemm(gm.clone());
+    for sm in [80, 90] {
+        std::fs::write(dir.join(format!("sm{sm}.ptx")), kernel_ptx(&t, sm).expect("ptx")).expect("write");
+    }
+    let (args, launch) = kernel_interface(g, k, &t);
+    let anchor = k.nodes.iter().copied().find(|&v| kernels::gemm::is_gemm_op(&g.node(v).op)).expect("GEMM node");
+    let inputs: Vec<Vec<f32>> = g
+        .node(anchor)
+        .inputs
+        .iter()
+        .map(|&v| match &vals[v.index()] {
+            Value::F(t) => t.to_f32(),
+            Value::Q(q) => ir::nf4::dequantize(q),
+            Value::I { .. } => panic!("integer GEMM operand"),
+        })
+        .collect();
+    let want: Vec<u8> = gm.reference(&inputs).iter().flat_map(|&x| (x as f32).to_le_bytes()).collect();
+    let mut meta = String::new();
+    let _ = writeln!(meta, "recipe {recipe}\nkernel {name} [bf16]\nsymbol {}", t.symbol());
+    let _ = writeln!(meta, "iteration template");
+    let _ = writeln!(meta, "launch {} {} {}", launch.grid.0, launch.grid.1, launch.block);
+    let _ = writeln!(meta, "tolerance 1e-4 1e-3");
+    let _ = writeln!(meta, "inputs {}", args.len() - 1);
+    for (b, (elem, data)) in bufs.iter().enumerate() {
+        let data = if b == args.len() - 1 { &want } else { data };
+        let width = if *elem == "u8" { 1 } else { 4 };
+        let _ = writeln!(meta, "buffer {b} {elem} {}", data.len() / width);
+        std::fs::write(dir.join(format!("b{b}.bin")), data).expect("write");
+    }
+    std::fs::write(dir.join("meta.txt"), meta).expect("write");
 }

@@ -88,6 +88,7 @@ fn main() {
         weight: WeightFormat::F32,
         lora: None,
         epilogue: None,
+        precision: kernels::gemm::GemmPrecision::F32,
     };
     for (label, g) in [
         ("matmul f32 (nn)", base.clone()),

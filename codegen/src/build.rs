@@ -65,14 +65,24 @@ pub struct BuildOptions {
     pub host: bool,
     /// Keep each distinct kernel's (host) LLVM IR as text in [`KernelBuild::llvm_ir`].
     pub llvm_ir: bool,
+    /// How GEMMs multiply, on both targets: f32 (the default, the interpreter's arithmetic) or bf16 operands with f32
+    /// accumulation (tensor cores on the GPU; the host emulates the rounding so the backends agree).
+    pub gemm_precision: kernels::gemm::GemmPrecision,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        BuildOptions { archs: vec![80, 90], ptxas: true, host: true, llvm_ir: true }
+        BuildOptions {
+            archs: vec![80, 90],
+            ptxas: true,
+            host: true,
+            llvm_ir: true,
+            gemm_precision: kernels::gemm::GemmPrecision::F32,
+        }
     }
 }
 
+pub use kernels::gemm::GemmPrecision;
 pub use kernels::template::Template;
 
 /// Emission of a template's description for each target.
@@ -180,7 +190,7 @@ pub fn kernel_interface(g: &Graph, k: &ir::Kernel, t: &Template) -> (Vec<KernelA
                 }
             }
             let (gx, gy) = crate::gemm::gpu_grid(gm);
-            (args, KernelLaunch { grid: (gx, gy, 1), ..block(crate::gemm::GPU_BLOCK_THREADS) })
+            (args, KernelLaunch { grid: (gx, gy, 1), ..block(crate::gemm::gpu_block_threads(gm)) })
         }
     }
 }
@@ -194,7 +204,12 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
     let mut kernel_distinct: Vec<Option<usize>> = vec![];
     let mut templates: Vec<Option<Template>> = vec![];
     for k in &g.kernels {
-        let t = Template::of(g, k);
+        let t = Template::of(g, k).map(|mut t| {
+            if let Template::Gemm(gm) = &mut t {
+                gm.precision = opts.gemm_precision;
+            }
+            t
+        });
         templates.push(t.as_ref().ok().cloned());
         match t {
             Ok(t) => {

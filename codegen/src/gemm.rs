@@ -30,6 +30,11 @@
 //! from global memory, then the elementwise epilogue (`kernels::gemm::Epilogue`, when present) on the register value
 //! before the stores. f32 throughout, so the GPU result has the host's tolerance.
 //!
+//! With [`GemmPrecision::Bf16`] the NVPTX kernel uses tensor cores instead ([`GPU_MMA_THREADS`] threads, 4 warps
+//! of 2×4 `mma.sync.m16n8k16` bf16 tiles per 64×64 output tile, operands rounded to bf16 as they enter shared
+//! memory); the host kernel rounds A and the packed weight panel the same way, so both targets compute the same
+//! products (f32 sums in another order).
+//!
 //! # Host epilogues
 //! The host kernel is a thin wrapper around a module-internal GEMM *core* shared by GEMMs that differ only in their
 //! epilogue ([`emit_host`]); the core calls the kernel's epilogue hook on each output panel once it is final (all K
@@ -46,10 +51,11 @@ use inkwell::module::{Linkage, Module};
 use inkwell::targets::TargetMachine;
 use inkwell::types::{BasicType, FloatType};
 use inkwell::values::{
-    BasicValue, BasicValueEnum, FloatValue, FunctionValue, GlobalValue, IntValue, PointerValue, VectorValue,
+    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue, GlobalValue, IntValue, PointerValue,
+    VectorValue,
 };
 use inkwell::{AddressSpace, IntPredicate};
-use kernels::gemm::{BufIx, Gemm, WeightFormat};
+use kernels::gemm::{BufIx, Gemm, GemmPrecision, WeightFormat};
 use kernels::{KernelError, Sreg};
 
 use crate::emit::{kernel_fn, Emit, Kr, Nf4Parts, Nf4Tables};
@@ -62,6 +68,16 @@ pub const HOST_MR: usize = 6;
 pub const HOST_KC: usize = 256;
 /// Threads per block of the NVPTX kernel (x dimension only).
 pub const GPU_BLOCK_THREADS: u32 = 256;
+/// Threads per block of the bf16 tensor-core NVPTX kernel (4 warps).
+pub const GPU_MMA_THREADS: u32 = 128;
+
+/// The NVPTX kernel's block size (x) for `g`.
+pub fn gpu_block_threads(g: &Gemm) -> u32 {
+    match g.precision {
+        GemmPrecision::F32 => GPU_BLOCK_THREADS,
+        GemmPrecision::Bf16 => GPU_MMA_THREADS,
+    }
+}
 /// Output tile of one NVPTX block: rows and columns.
 pub const GPU_TILE_M: usize = 64;
 pub const GPU_TILE_N: usize = 64;
@@ -268,6 +284,8 @@ fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, g: &Gemm) -> Kr<Functio
 struct ARows<'ctx> {
     rows: Vec<PointerValue<'ctx>>,
     stride: IntValue<'ctx>,
+    /// Round each A value to bf16 as it is read ([`GemmPrecision::Bf16`]).
+    round: bool,
 }
 
 impl<'ctx> Emit<'ctx> for Gen<'_, 'ctx> {
@@ -377,6 +395,33 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         )
     }
 
+    /// The bits of `v` rounded to bf16 (round to nearest even; inputs are finite), as an i32 holding the 16 bits.
+    fn bf16_bits(&self, v: FloatValue<'ctx>) -> Kr<IntValue<'ctx>> {
+        let (b, i32t) = (&self.b, self.ctx.i32_type());
+        let bits = b.build_bit_cast(v, i32t, "")?.into_int_value();
+        let lsb = b.build_and(
+            b.build_right_shift(bits, i32t.const_int(16, false), false, "")?,
+            i32t.const_int(1, false),
+            "",
+        )?;
+        let biased = b.build_int_add(bits, b.build_int_add(lsb, i32t.const_int(0x7fff, false), "")?, "")?;
+        Ok(b.build_right_shift(biased, i32t.const_int(16, false), false, "")?)
+    }
+
+    /// `v` rounded to bf16 and back to f32.
+    fn round_bf16(&self, v: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        let hi = self.b.build_left_shift(self.bf16_bits(v)?, self.ctx.i32_type().const_int(16, false), "")?;
+        Ok(self.b.build_bit_cast(hi, self.f32t(), "")?.into_float_value())
+    }
+
+    /// A product operand as the GEMM's precision sees it.
+    fn operand(&self, v: FloatValue<'ctx>) -> Kr<FloatValue<'ctx>> {
+        match self.g.precision {
+            GemmPrecision::F32 => Ok(v),
+            GemmPrecision::Bf16 => self.round_bf16(v),
+        }
+    }
+
     // ---- Host ----
 
     fn host(&mut self, vw: usize) -> Kr<()> {
@@ -397,7 +442,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     let ncols = s.umin(s.i64c(nr as u64), s.b.build_int_sub(n, n0, "")?)?;
                     s.for_loop("k0", s.i64c(0), k, s.i64c(HOST_KC as u64), &[], &mut |s, k0, _| {
                         let kc = s.umin(s.i64c(HOST_KC as u64), s.b.build_int_sub(k, k0, "")?)?;
-                        s.pack(pack, nr, k0, kc, n0, ncols, g.tb, &|s, kk, nn| s.load_w(bt, kk, nn))?;
+                        s.pack(pack, nr, k0, kc, n0, ncols, g.tb, &|s, kk, nn| s.operand(s.load_w(bt, kk, nn)?))?;
                         let first = s.b.build_int_compare(IntPredicate::EQ, k0, s.i64c(0), "first")?;
                         s.row_groups(mstart, mend, &mut |s, i0, rows| {
                             let a = s.a_rows(bt, &rows, k0)?;
@@ -414,7 +459,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                             for &row in &rows {
                                 ptrs.push(s.gep(s.f32t(), s.bufs[s.ix.u.expect("u")], s.mulc(row, l.rank)?)?);
                             }
-                            let acc = s.micro(vw, pack, &ARows { rows: ptrs, stride: s.i64c(1) }, r)?;
+                            let u = ARows { rows: ptrs, stride: s.i64c(1), round: false };
+                            let acc = s.micro(vw, pack, &u, r)?;
                             s.store_tile(vw, tile, &acc, bt, i0, mend, n0, ncols, Epi::Lora { s: l.s })
                         })?;
                     }
@@ -530,7 +576,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             let e = if g.ta { self.add(row, self.mulc(k0, g.m)?)? } else { self.add(self.mulc(row, g.k)?, k0)? };
             out.push(self.gep(self.f32t(), base, e)?);
         }
-        Ok(ARows { rows: out, stride: self.i64c(if g.ta { g.m } else { 1 } as u64) })
+        let round = g.precision == GemmPrecision::Bf16;
+        Ok(ARows { rows: out, stride: self.i64c(if g.ta { g.m } else { 1 } as u64), round })
     }
 
     /// The register-blocked micro-kernel: `HOST_MR` rows × 2 vectors of `vw` lanes, over `kc` values of K.
@@ -562,6 +609,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             let mut next = Vec::with_capacity(acc.len());
             for (r, &row) in a.rows.iter().enumerate() {
                 let x = s.ld_f32(row, off)?;
+                let x = if a.round { s.round_bf16(x)? } else { x };
                 let ins = s.b.build_insert_element(vt.get_poison(), x, s.ctx.i32_type().const_zero(), "")?;
                 let xs = s.b.build_shuffle_vector(ins, vt.get_poison(), splat_mask, "")?;
                 for v in 0..2 {
@@ -632,6 +680,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     }
 
     fn nvptx(&mut self) -> Kr<()> {
+        if self.g.precision == GemmPrecision::Bf16 {
+            return self.nvptx_mma();
+        }
         let g = self.g;
         let (bm, bn, bk) = (GPU_TILE_M, GPU_TILE_N, GPU_TILE_K);
         let nthreads = GPU_BLOCK_THREADS as usize;
@@ -695,43 +746,173 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 s.cta_barrier()?;
                 Ok(acc.into_iter().map(|v| v.as_basic_value_enum()).collect())
             })?;
-            // Epilogue: the LoRA rank update, bounds-checked stores.
-            let out = s.gep(s.f32t(), s.bufs[s.ix.out], s.mulc(bt, g.m * g.n)?)?;
+            // Epilogue: the LoRA rank update, the elementwise epilogue, bounds-checked stores.
             for i in 0..GPU_TM {
                 for j in 0..GPU_TN {
                     let row = s.add(s.add(m0, s.mulc(ty, GPU_TM)?)?, s.i64c(i as u64))?;
                     let col = s.add(s.add(n0, s.mulc(tx, GPU_TN)?)?, s.i64c(j as u64))?;
-                    let ok = s.b.build_and(s.ult(row, m)?, s.ult(col, n)?, "")?;
-                    let v = acc[i * GPU_TN + j].into_float_value();
-                    s.if_then(ok, &mut |s| {
-                        let mut v = v;
-                        if let Some(l) = g.lora {
-                            let low = s.for_loop(
-                                "p",
-                                s.i64c(0),
-                                s.i64c(l.rank as u64),
-                                one,
-                                &[s.f32c(0.0).into()],
-                                &mut |s, p, a| {
-                                    let x =
-                                        s.fma(s.load_u(row, p)?, s.load_lora_b(p, col)?, a[0].into_float_value())?;
-                                    Ok(vec![x.into()])
-                                },
-                            )?;
-                            v = s.fma(s.f32c(l.s), low[0].into_float_value(), v)?;
-                        }
-                        let local = s.add(s.mulc(row, g.n)?, col)?;
-                        match &g.epilogue {
-                            None => s.st_f32(out, local, v),
-                            Some(e) => {
-                                if e.store_acc {
-                                    s.st_f32(out, local, v)?;
-                                }
-                                let lin = s.add(s.mulc(bt, g.m * g.n)?, local)?;
-                                s.epilogue(lin, v, Flavor::Nvptx)
-                            }
-                        }
+                    s.finish_element(bt, row, col, acc[i * GPU_TN + j].into_float_value())?;
+                }
+            }
+            Ok(vec![])
+        })?;
+        Ok(())
+    }
+
+    /// Output element (`row`, `col`) of batch entry `bt` whose product is `v`, if inside the output: the LoRA term
+    /// added, the elementwise epilogue applied, stored.
+    fn finish_element(
+        &mut self,
+        bt: IntValue<'ctx>,
+        row: IntValue<'ctx>,
+        col: IntValue<'ctx>,
+        v: FloatValue<'ctx>,
+    ) -> Kr<()> {
+        let g = self.g;
+        let ok = self.b.build_and(self.ult(row, self.i64c(g.m as u64))?, self.ult(col, self.i64c(g.n as u64))?, "")?;
+        self.if_then(ok, &mut |s| {
+            let mut v = v;
+            if let Some(l) = g.lora {
+                let one = s.i64c(1);
+                let low =
+                    s.for_loop("p", s.i64c(0), s.i64c(l.rank as u64), one, &[s.f32c(0.0).into()], &mut |s, p, a| {
+                        let x = s.fma(s.load_u(row, p)?, s.load_lora_b(p, col)?, a[0].into_float_value())?;
+                        Ok(vec![x.into()])
                     })?;
+                v = s.fma(s.f32c(l.s), low[0].into_float_value(), v)?;
+            }
+            let out = s.gep(s.f32t(), s.bufs[s.ix.out], s.mulc(bt, g.m * g.n)?)?;
+            let local = s.add(s.mulc(row, g.n)?, col)?;
+            match &g.epilogue {
+                None => s.st_f32(out, local, v),
+                Some(e) => {
+                    if e.store_acc {
+                        s.st_f32(out, local, v)?;
+                    }
+                    let lin = s.add(s.mulc(bt, g.m * g.n)?, local)?;
+                    s.epilogue(lin, v, Flavor::Nvptx)
+                }
+            }
+        })
+    }
+
+    /// The bf16 tensor-core kernel ([`GemmPrecision::Bf16`]): [`GPU_MMA_THREADS`] threads (4 warps) per 64×64 output
+    /// tile, each warp 32×32 as 2×4 `mma.sync.m16n8k16` bf16 tiles with f32 accumulators. K advances by 16: every
+    /// thread loads 8 elements of A and 8 of the weight (the NF4 dequantization prologue), rounds them to bf16 and
+    /// stores them to shared memory K-contiguous (A as [64 rows][16], the weight as [64 columns][16]), so each
+    /// fragment register is one 32-bit shared load of two consecutive K values. Fragments follow the PTX ISA's
+    /// m16n8k16 layout: with lane = 4·gid + tig, A regs hold rows gid / gid+8 at K 2·tig(+1) and 2·tig+8(+1); B regs
+    /// K 2·tig(+1) and 2·tig+8(+1) at column gid; accumulator i is row gid + 8·(i ≥ 2), column 2·tig + (i & 1).
+    fn nvptx_mma(&mut self) -> Kr<()> {
+        let g = self.g;
+        let (bm, bn, bk) = (GPU_TILE_M, GPU_TILE_N, GPU_TILE_K);
+        let nthreads = GPU_MMA_THREADS as usize;
+        let i16t = self.ctx.i16_type();
+        let shared16 = |s: &Self, suffix: &str, len: usize| {
+            let ty = i16t.array_type(len as u32);
+            let gl = s.module.add_global(ty, Some(AddressSpace::from(3u16)), &format!("{}_{suffix}", g.symbol()));
+            gl.set_linkage(Linkage::Internal);
+            gl.set_initializer(&ty.get_undef());
+            gl.set_alignment(16);
+            gl.as_pointer_value()
+        };
+        let a_sh = shared16(self, "as16", bm * bk);
+        let b_sh = shared16(self, "bs16", bn * bk);
+        let tid = self.sreg(Sreg::TidX)?;
+        let lane = self.b.build_and(tid, self.i64c(31), "lane")?;
+        let warp = self.b.build_right_shift(tid, self.i64c(5), false, "warp")?;
+        let gid = self.b.build_right_shift(lane, self.i64c(2), false, "gid")?;
+        let tig = self.b.build_and(lane, self.i64c(3), "tig")?;
+        let wm = self.mulc(self.b.build_right_shift(warp, self.i64c(1), false, "")?, 32)?;
+        let wn = self.mulc(self.b.build_and(warp, self.i64c(1), "")?, 32)?;
+        let m0 = self.mulc(self.sreg(Sreg::CtaIdY)?, bm)?;
+        let n0 = self.mulc(self.sreg(Sreg::CtaIdX)?, bn)?;
+        let (m, n, k) = (self.i64c(g.m as u64), self.i64c(g.n as u64), self.i64c(g.k as u64));
+        let (mlast, nlast, klast) =
+            (self.i64c(g.m as u64 - 1), self.i64c(g.n as u64 - 1), self.i64c(g.k.max(1) as u64 - 1));
+        let i32t = self.ctx.i32_type();
+        let mma = self.intrinsic("llvm.nvvm.mma.m16n8k16.row.col.bf16", &[])?;
+        let one = self.i64c(1);
+        self.for_loop("bt", self.i64c(0), self.i64c(g.batch as u64), one, &[], &mut |s, bt, _| {
+            let init: Vec<BasicValueEnum> = (0..2 * 4 * 4).map(|_| s.f32c(0.0).into()).collect();
+            let acc = s.for_loop("k0", s.i64c(0), k, s.i64c(bk as u64), &init, &mut |s, k0, acc| {
+                // Prologue: A and the weight (NF4 dequantized here) into shared memory as bf16, K-contiguous.
+                for q in 0..(bm * bk) / nthreads {
+                    let e = s.add(tid, s.i64c((q * nthreads) as u64))?;
+                    let (row, kk) = if g.ta {
+                        (s.b.build_and(e, s.i64c(bm as u64 - 1), "")?, s.b.build_right_shift(e, s.i64c(6), false, "")?)
+                    } else {
+                        (s.b.build_right_shift(e, s.i64c(4), false, "")?, s.b.build_and(e, s.i64c(bk as u64 - 1), "")?)
+                    };
+                    let (gi, gk) = (s.add(m0, row)?, s.add(k0, kk)?);
+                    let ok = s.b.build_and(s.ult(gi, m)?, s.ult(gk, k)?, "")?;
+                    let v = s.load_a(bt, s.umin(gi, mlast)?, s.umin(gk, klast)?)?;
+                    let v = s.select_f(ok, v, s.f32c(0.0))?;
+                    let h = s.b.build_int_truncate(s.bf16_bits(v)?, i16t, "")?;
+                    s.b.build_store(s.gep(i16t, a_sh, s.add(s.mulc(row, bk)?, kk)?)?, h)?;
+                }
+                for q in 0..(bn * bk) / nthreads {
+                    let e = s.add(tid, s.i64c((q * nthreads) as u64))?;
+                    let (col, kk) = if g.tb {
+                        (s.b.build_right_shift(e, s.i64c(4), false, "")?, s.b.build_and(e, s.i64c(bk as u64 - 1), "")?)
+                    } else {
+                        (s.b.build_and(e, s.i64c(bn as u64 - 1), "")?, s.b.build_right_shift(e, s.i64c(6), false, "")?)
+                    };
+                    let (gn, gk) = (s.add(n0, col)?, s.add(k0, kk)?);
+                    let ok = s.b.build_and(s.ult(gn, n)?, s.ult(gk, k)?, "")?;
+                    let v = s.load_w(bt, s.umin(gk, klast)?, s.umin(gn, nlast)?)?;
+                    let v = s.select_f(ok, v, s.f32c(0.0))?;
+                    let h = s.b.build_int_truncate(s.bf16_bits(v)?, i16t, "")?;
+                    s.b.build_store(s.gep(i16t, b_sh, s.add(s.mulc(col, bk)?, kk)?)?, h)?;
+                }
+                s.cta_barrier()?;
+                // Fragments: 32-bit words of the shared tiles (word w holds K values 2w and 2w + 1 of a row).
+                let word = |s: &Self, base: PointerValue<'ctx>, r: IntValue<'ctx>, w: usize| -> Kr<IntValue<'ctx>> {
+                    let ix = s.add(s.add(s.mulc(r, bk / 2)?, tig)?, s.i64c(w as u64))?;
+                    Ok(s.b.build_load(i32t, s.gep(i32t, base, ix)?, "")?.into_int_value())
+                };
+                let mut a_frag = vec![];
+                for mi in 0..2 {
+                    let r = s.add(s.add(wm, s.i64c((mi * 16) as u64))?, gid)?;
+                    let r8 = s.add(r, s.i64c(8))?;
+                    a_frag.push([
+                        word(s, a_sh, r, 0)?,
+                        word(s, a_sh, r8, 0)?,
+                        word(s, a_sh, r, 4)?,
+                        word(s, a_sh, r8, 4)?,
+                    ]);
+                }
+                let mut b_frag = vec![];
+                for ni in 0..4 {
+                    let c = s.add(s.add(wn, s.i64c((ni * 8) as u64))?, gid)?;
+                    b_frag.push([word(s, b_sh, c, 0)?, word(s, b_sh, c, 4)?]);
+                }
+                let mut next: Vec<BasicValueEnum> = Vec::with_capacity(acc.len());
+                for (mi, a) in a_frag.iter().enumerate() {
+                    for (ni, b) in b_frag.iter().enumerate() {
+                        let c = &acc[(mi * 4 + ni) * 4..(mi * 4 + ni + 1) * 4];
+                        let args: Vec<BasicMetadataValueEnum> = a
+                            .iter()
+                            .chain(b.iter())
+                            .map(|&x| x.into())
+                            .chain(c.iter().map(|&x| x.into_float_value().into()))
+                            .collect();
+                        let d = s.call(mma, &args)?.into_struct_value();
+                        for i in 0..4 {
+                            next.push(s.b.build_extract_value(d, i, "")?);
+                        }
+                    }
+                }
+                s.cta_barrier()?;
+                Ok(next)
+            })?;
+            for mi in 0..2 {
+                for ni in 0..4 {
+                    for i in 0..4 {
+                        let row = s.add(s.add(s.add(m0, wm)?, s.i64c((mi * 16 + 8 * (i / 2)) as u64))?, gid)?;
+                        let col = s.add(s.add(s.add(n0, wn)?, s.i64c((ni * 8 + (i & 1)) as u64))?, s.mulc(tig, 2)?)?;
+                        s.finish_element(bt, row, col, acc[(mi * 4 + ni) * 4 + i].into_float_value())?;
+                    }
                 }
             }
             Ok(vec![])

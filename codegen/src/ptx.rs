@@ -211,6 +211,7 @@ mod tests {
             weight: kernels::gemm::WeightFormat::F32,
             lora: None,
             epilogue: None,
+            precision: kernels::gemm::GemmPrecision::F32,
         }
     }
 

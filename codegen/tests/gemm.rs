@@ -15,7 +15,7 @@ use codegen::ptxas;
 use ir::interp::{run, Env, Precision, Tensor, Value};
 use ir::nf4::{self, Nf4Tensor};
 use ir::{Builder, DType, Nf4Format, Op, OutputKind, Type, ValueId};
-use kernels::gemm::{nf4_buffers, BufElem, Gemm};
+use kernels::gemm::{nf4_buffers, BufElem, Gemm, GemmPrecision};
 
 mod common;
 use common::{require_ptxas, Rng};
@@ -60,11 +60,33 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
 
 /// Runs the node `y` of the case as a host kernel (2 threads) and returns (kernel, kernel output, reference).
 fn run_case(c: Case, y: ValueId, check_ptx: bool) -> (Gemm, Vec<f32>, Vec<f64>) {
+    let (gemm, got, want, _) = run_case_with(c, y, check_ptx, GemmPrecision::F32);
+    (gemm, got, want)
+}
+
+/// [`run_case`] at a given precision; also returns the node's inputs as f32 values (NF4 weights dequantized).
+fn run_case_with(
+    c: Case,
+    y: ValueId,
+    check_ptx: bool,
+    precision: GemmPrecision,
+) -> (Gemm, Vec<f32>, Vec<f64>, Vec<Vec<f32>>) {
     let mut b = c.b;
     b.output(OutputKind::Metric("y".into()), y);
     let g = b.finish();
     let vals = run(&g, &c.env, Precision::F32).expect("interpreter");
-    let gemm = Gemm::from_node(&g, y, &format!("gemm:{}", g.name)).expect("a GEMM");
+    let mut gemm = Gemm::from_node(&g, y, &format!("gemm:{}", g.name)).expect("a GEMM");
+    gemm.precision = precision;
+    let inputs: Vec<Vec<f32>> = g
+        .node(y)
+        .inputs
+        .iter()
+        .map(|&v| match &vals[v.index()] {
+            Value::F(t) => t.to_f32(),
+            Value::Q(q) => nf4::dequantize(q),
+            other => panic!("unexpected input {other:?}"),
+        })
+        .collect();
     let specs = gemm.buffers();
 
     let mut bufs: Vec<Buf> = Vec::new();
@@ -118,7 +140,13 @@ fn run_case(c: Case, y: ValueId, check_ptx: bool) -> (Gemm, Vec<f32>, Vec<f64>) 
         for sm in [80, 90] {
             let ptx = gemm_to_ptx(&gemm, sm).unwrap_or_else(|e| panic!("{}: PTX for sm_{sm}: {e}", gemm.name));
             assert!(ptx.contains(&format!(".entry {}", gemm.symbol())), "{ptx}");
-            assert!(ptx.contains(".shared") && ptx.contains("bar.sync") && ptx.contains("fma.rn.f32"), "{ptx}");
+            assert!(ptx.contains(".shared") && ptx.contains("bar.sync"), "{ptx}");
+            match precision {
+                GemmPrecision::F32 => assert!(ptx.contains("fma.rn.f32"), "{ptx}"),
+                GemmPrecision::Bf16 => {
+                    assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"), "{ptx}")
+                }
+            }
             let report = ptxas::assemble(&ptx, sm).unwrap_or_else(|e| panic!("{} sm_{sm}: {e}\n{ptx}", gemm.name));
             let k = report.kernel(&gemm.symbol()).expect("kernel in the ptxas report");
             eprintln!(
@@ -133,7 +161,7 @@ fn run_case(c: Case, y: ValueId, check_ptx: bool) -> (Gemm, Vec<f32>, Vec<f64>) 
         }
     }
     let want = vals[y.index()].as_f().expect("float output").data.clone();
-    (gemm, got, want)
+    (gemm, got, want, inputs)
 }
 
 fn assert_close(gemm: &Gemm, got: &[f32], want: &[f64]) {
@@ -367,5 +395,54 @@ fn gemm_bias_activation_epilogue_matches_reference() {
         let o = c.b.mul(a, half).unwrap();
         let gemm = run_epilogue_case(c, vec![y, z, a, o], &[o]);
         assert_eq!(gemm.batch, bt);
+    }
+}
+
+/// The bf16 tensor-core precision: the host kernel computes `Σ bf16(a)·bf16(w)` (+ the f32 LoRA term), checked
+/// against that sum in f64 with the f32 tolerance — so the rounding is exactly the tensor cores' (round to nearest
+/// even on both operands, exact products); the PTX uses `mma.sync` bf16 and assembles for sm_80 and sm_90. (Whether
+/// the GPU's fragments are right is for `gpu_check` on a GPU.)
+#[test]
+fn bf16_gemm_rounds_operands_like_tensor_cores() {
+    let cases: [(&str, usize, usize, usize, bool); 5] = [
+        ("mm_nt", 50, 783, 131, false),
+        ("mm_tn", 3, 50, 783, false),
+        ("qmm", 783, 50, 131, false),
+        ("lora", 50, 50, 67, true),
+        ("mm_nn", 131, 3, 50, false),
+    ];
+    for (i, &(kind, m, n, k, lora)) in cases.iter().enumerate() {
+        let mut c = Case::new("bf16", 70 + i as u64);
+        let (ta, tb) = match kind {
+            "mm_tn" => (true, false),
+            "mm_nn" => (false, false),
+            _ => (false, true),
+        };
+        let x = c.input("x", &if ta { [k, m] } else { [m, k] });
+        let wshape = if tb { [n, k] } else { [k, n] };
+        let r = 8;
+        let y = match kind {
+            "qmm" => {
+                let q = c.nf4("w", &wshape, true);
+                c.b.op(Op::QMatMul { tb }, &[x, q]).unwrap()
+            }
+            _ if lora => {
+                let w = c.nf4("w", &wshape, true);
+                let u = c.input("u", &[m, r]);
+                let lb = c.input("b", &[n, r]);
+                c.b.op(Op::LoraLinear { s: 0.5, tb }, &[x, w, u, lb]).unwrap()
+            }
+            _ => {
+                let w = c.input("w", &wshape);
+                c.b.matmul(x, w, ta, tb).unwrap()
+            }
+        };
+        let (gemm, got, want_f32, ins) = run_case_with(c, y, true, GemmPrecision::Bf16);
+        let want = gemm.reference(&ins);
+        assert_close(&gemm, &got, &want);
+        // And it is not the f32 product: bf16 rounding moves the result by far more than the f32 tolerance.
+        let moved =
+            got.iter().zip(&want_f32).filter(|(g, w)| (**g as f64 - **w).abs() > 1e-3 * w.abs().max(1e-3)).count();
+        assert!(moved > 0, "{kind}: the bf16 result equals the f32 one everywhere");
     }
 }

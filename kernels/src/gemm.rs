@@ -107,6 +107,20 @@ pub struct Gemm {
     pub lora: Option<Lora>,
     /// Elementwise ops applied to each output element (see the module docs).
     pub epilogue: Option<Epilogue>,
+    /// The arithmetic of the `A · op(W)` product (the LoRA term and the epilogue are f32 either way).
+    pub precision: GemmPrecision,
+}
+
+/// How a GEMM multiplies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GemmPrecision {
+    /// f32 products with f32 accumulation (the interpreter's arithmetic; GPU: SIMT FMAs).
+    #[default]
+    F32,
+    /// A and W rounded to bf16 (round to nearest even) and multiplied exactly, accumulated in f32: what bf16 tensor
+    /// cores compute (GPU: `mma.sync.m16n8k16` bf16; the host emulates it with the same rounding). The QLoRA compute
+    /// dtype of bitsandbytes' usual setup.
+    Bf16,
 }
 
 /// An elementwise loop nest fused after a GEMM (see the module docs).
@@ -177,7 +191,19 @@ impl Gemm {
         let (m, n) = (out.shape[r - 2], out.shape[r - 1]);
         let k = if ta { a.shape[r - 2] } else { a.shape[r - 1] };
         let batch = out.shape[..r - 2].iter().product();
-        Ok(Gemm { name: name.to_string(), batch, m, n, k, ta, tb, weight, lora, epilogue: None })
+        Ok(Gemm {
+            name: name.to_string(),
+            batch,
+            m,
+            n,
+            k,
+            ta,
+            tb,
+            weight,
+            lora,
+            epilogue: None,
+            precision: GemmPrecision::F32,
+        })
     }
 
     /// Describes kernel group `k` of `g` as its one GEMM node, aliasing views of it, and an elementwise epilogue over
@@ -363,6 +389,49 @@ impl Gemm {
         }
         ix.out = next;
         ix
+    }
+
+    /// The GEMM in f64 from its operands as f32 values (`a`, the weight — NF4 dequantized — and, for `lora_linear`,
+    /// `u` and `b`), rounding A and W as [`Gemm::precision`] says: a reference for the kernels (the epilogue is not
+    /// applied). Row-major `[batch, m, n]`.
+    pub fn reference(&self, inputs: &[Vec<f32>]) -> Vec<f64> {
+        let op = |x: f32| -> f64 {
+            match self.precision {
+                GemmPrecision::F32 => x as f64,
+                GemmPrecision::Bf16 => {
+                    let b = x.to_bits();
+                    f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000) as f64
+                }
+            }
+        };
+        let (m, n, k) = (self.m, self.n, self.k);
+        let (a, w) = (&inputs[0], &inputs[1]);
+        let mut out = vec![0f64; self.batch * m * n];
+        for bt in 0..self.batch {
+            let (a, w) = (&a[bt * m * k..], if w.len() > k * n { &w[bt * k * n..] } else { &w[..] });
+            for row in 0..m {
+                for col in 0..n {
+                    let mut acc = 0f64;
+                    for kk in 0..k {
+                        let x = if self.ta { a[kk * m + row] } else { a[row * k + kk] };
+                        let y = if self.tb { w[col * k + kk] } else { w[kk * n + col] };
+                        acc += op(x) * op(y);
+                    }
+                    if let Some(l) = self.lora {
+                        let (u, b) = (&inputs[2], &inputs[3]);
+                        let r = l.rank;
+                        let low: f64 = (0..r)
+                            .map(|p| {
+                                u[row * r + p] as f64 * if self.tb { b[col * r + p] } else { b[p * n + col] } as f64
+                            })
+                            .sum();
+                        acc += l.s * low;
+                    }
+                    out[(bt * m + row) * n + col] = acc;
+                }
+            }
+        }
+        out
     }
 
     /// Floating-point operations of one run (2·batch·M·N·K, plus the LoRA term).

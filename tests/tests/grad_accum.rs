@@ -27,7 +27,7 @@ fn recipe(dir: &std::path::Path, name: &str, train: &str) -> frontend::CompiledR
 }
 
 fn plan(r: &frontend::CompiledRecipe) -> Plan {
-    let opts = BuildOptions { archs: vec![], ptxas: false, host: true, llvm_ir: false };
+    let opts = BuildOptions { archs: vec![], ptxas: false, host: true, llvm_ir: false, ..BuildOptions::default() };
     plan_source::compile_plan(r, "cpu", &opts).expect("plan")
 }
 

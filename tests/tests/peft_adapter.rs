@@ -160,7 +160,7 @@ fn reference_python() -> Option<PathBuf> {
 
 fn peft_loads_our_adapter(example: &str) {
     let recipe = compile_example(example);
-    let opts = BuildOptions { archs: vec![], ptxas: false, host: true, llvm_ir: false };
+    let opts = BuildOptions { archs: vec![], ptxas: false, host: true, llvm_ir: false, ..BuildOptions::default() };
     let plan = plan_source::compile_plan(&recipe, "cpu", &opts).expect("plan");
     let settings = plan.peft.clone().expect("a PEFT recipe");
     assert_eq!(settings.dropout, 0.0, "{example}: the comparison assumes dropout 0");

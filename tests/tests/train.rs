@@ -15,7 +15,7 @@ use runtime::CpuBackend;
 use tests::compile_example;
 
 fn plan(example: &str) -> Plan {
-    let opts = BuildOptions { archs: vec![], ptxas: false, host: true, llvm_ir: false };
+    let opts = BuildOptions { archs: vec![], ptxas: false, host: true, llvm_ir: false, ..BuildOptions::default() };
     plan_source::compile_plan(&compile_example(example), "cpu", &opts).expect("plan")
 }
 

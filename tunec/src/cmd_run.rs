@@ -8,7 +8,7 @@ pub use runtime::cli::RunArgs;
 fn compile(path: &Path, gpu: bool) -> Result<Plan, String> {
     let recipe = frontend::compile_file(path, models::library()).map_err(|d| d.render())?;
     let archs = if gpu { vec![80, 90] } else { vec![] };
-    let opts = codegen::build::BuildOptions { archs, ptxas: false, host: true, llvm_ir: false };
+    let opts = codegen::build::BuildOptions { archs, ptxas: false, host: true, llvm_ir: false, ..Default::default() };
     crate::plan_source::compile_plan(&recipe, if gpu { "h100" } else { "cpu" }, &opts)
 }
 

@@ -75,6 +75,10 @@ struct CompileArgs {
     /// shared memory and spills per kernel). Without it the plan's PTX is assembled by the CUDA driver at load.
     #[arg(long = "ptxas")]
     check_ptx: bool,
+    /// How GEMMs multiply: f32, or bf16 operands with f32 accumulation (tensor cores on the GPU, `mma.sync`; the
+    /// host code rounds the same way). bf16 is QLoRA's usual compute dtype; f32 is the interpreter's arithmetic.
+    #[arg(long = "gemm-precision", default_value = "f32", value_parser = ["f32", "bf16"])]
+    gemm_precision: String,
     /// Write the plan (graph, kernels, memory plan, bindings, settings) to this file.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
@@ -130,6 +134,7 @@ fn compile(args: &CompileArgs) -> Result<(), String> {
         report,
         report_json,
         check_ptx,
+        gemm_precision,
         output,
     } = args;
     let emit = emit.unwrap_or(if output.is_some() { Emit::None } else { Emit::Ir });
@@ -180,6 +185,11 @@ fn compile(args: &CompileArgs) -> Result<(), String> {
             &codegen::build::BuildOptions {
                 ptxas: report || *check_ptx,
                 llvm_ir: matches!(emit, Emit::Llvm),
+                gemm_precision: if gemm_precision == "bf16" {
+                    codegen::build::GemmPrecision::Bf16
+                } else {
+                    codegen::build::GemmPrecision::F32
+                },
                 ..Default::default()
             },
         )
