@@ -2,7 +2,7 @@
 //! generated kernel has its argument list (NF4 weights split into their storage parts) and a launch, the PTX modules
 //! assembled (ptxas ran inside `build`), and the host library is a shared object.
 
-use codegen::build::{build, kernel_interface, BuildOptions, Template};
+use codegen::build::{build, kernel_interface, BuildOptions, GemmPrecision, Template};
 use ir::DType;
 use passes::{training_pipeline, PassManager, PipelineOptions};
 
@@ -57,25 +57,31 @@ fn every_kernel_of_the_7b_qlora_plan_assembles_with_ptxas() {
     let r = frontend::compile_file(&root.join("examples/llama2-7b.qlora.rs"), models::library()).expect("recipe");
     let mut g = r.forward.clone();
     PassManager::new(training_pipeline(&PipelineOptions::default())).run(&mut g).expect("pipeline");
-    let opts = BuildOptions { host: false, llvm_ir: false, ..BuildOptions::default() };
-    let b = build(&g, &opts).expect("build (ptxas ran inside)");
-    assert!(b.missing.is_empty(), "{:?}", b.missing);
-    assert_eq!(b.kernels.len(), g.kernels.len());
-    for kb in &b.kernels {
-        for sm in [80, 90] {
-            let res = kb
-                .resources
-                .get(&sm)
-                .unwrap_or_else(|| panic!("{} ({}): no ptxas report for sm_{sm}", kb.name, kb.symbol));
-            assert!(res.registers > 0 && res.registers <= 255, "{}: {res:?}", kb.symbol);
+    // With f32 SIMT GEMMs and with bf16 tensor-core GEMMs (`mma.sync`).
+    for precision in [GemmPrecision::F32, GemmPrecision::Bf16] {
+        let opts = BuildOptions { host: false, llvm_ir: false, gemm_precision: precision, ..BuildOptions::default() };
+        let b = build(&g, &opts).expect("build (ptxas ran inside)");
+        assert!(b.missing.is_empty(), "{:?}", b.missing);
+        assert_eq!(b.kernels.len(), g.kernels.len());
+        for kb in &b.kernels {
+            for sm in [80, 90] {
+                let res = kb
+                    .resources
+                    .get(&sm)
+                    .unwrap_or_else(|| panic!("{} ({}): no ptxas report for sm_{sm}", kb.name, kb.symbol));
+                assert!(res.registers > 0 && res.registers <= 255, "{}: {res:?}", kb.symbol);
+                assert_eq!(res.spill_store_bytes, 0, "{} sm_{sm} spills: {res:?}", kb.symbol);
+            }
+            assert!(b.ptx[&80].contains(&format!(".entry {}", kb.symbol)), "{}", kb.symbol);
         }
-        assert!(b.ptx[&80].contains(&format!(".entry {}", kb.symbol)), "{}", kb.symbol);
+        let mma = b.ptx[&90].matches("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32").count();
+        assert_eq!(mma > 0, precision == GemmPrecision::Bf16, "{precision:?}: {mma} mma.sync instructions");
+        eprintln!(
+            "7B QLoRA ({precision:?} GEMMs): {} kernels, {} distinct, all assembled by ptxas for sm_80 and sm_90",
+            b.kernels.len(),
+            b.distinct
+        );
     }
-    eprintln!(
-        "7B QLoRA: {} kernels, {} distinct, all assembled by ptxas for sm_80 and sm_90",
-        b.kernels.len(),
-        b.distinct
-    );
 }
 
 /// The build derives the sm_90 module from the sm_80 one by its `.target` line: valid only while LLVM's output for
@@ -91,12 +97,22 @@ fn llvm_emits_the_same_ptx_for_sm80_and_sm90_but_the_target() {
         PassManager::new(training_pipeline(&PipelineOptions::default())).run(&mut g).expect("pipeline");
         for k in &g.kernels {
             let t = Template::of(&g, k).expect("covered");
-            if !seen.insert(t.key()) {
-                continue;
+            // GEMMs also with bf16 tensor cores (`mma.sync` is the same instruction on both architectures).
+            let bf16 = match &t {
+                Template::Gemm(gm) => {
+                    Some(Template::Gemm(kernels::gemm::Gemm { precision: GemmPrecision::Bf16, ..gm.clone() }))
+                }
+                _ => None,
+            };
+            for t in std::iter::once(t).chain(bf16) {
+                if !seen.insert(t.key()) {
+                    continue;
+                }
+                let (p80, p90) =
+                    (codegen::build::kernel_ptx(&t, 80).unwrap(), codegen::build::kernel_ptx(&t, 90).unwrap());
+                assert!(p90.contains("\n.target sm_90\n"), "{}", k.name);
+                assert_eq!(codegen::ptx::retarget(&p80, 80, 90), p90, "kernel `{}`", k.name);
             }
-            let (p80, p90) = (codegen::build::kernel_ptx(&t, 80).unwrap(), codegen::build::kernel_ptx(&t, 90).unwrap());
-            assert!(p90.contains("\n.target sm_90\n"), "{}", k.name);
-            assert_eq!(codegen::ptx::retarget(&p80, 80, 90), p90, "kernel `{}`", k.name);
         }
     }
     assert!(seen.len() > 50);
