@@ -693,40 +693,22 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let ty = self.b.build_right_shift(tid, self.i64c(4), false, "ty")?;
         let m0 = self.mulc(self.sreg(Sreg::CtaIdY)?, bm)?;
         let n0 = self.mulc(self.sreg(Sreg::CtaIdX)?, bn)?;
-        let (m, n, k) = (self.i64c(g.m as u64), self.i64c(g.n as u64), self.i64c(g.k as u64));
-        let (mlast, nlast, klast) =
-            (self.i64c(g.m as u64 - 1), self.i64c(g.n as u64 - 1), self.i64c(g.k.max(1) as u64 - 1));
+        let k = self.i64c(g.k as u64);
         let one = self.i64c(1);
         self.for_loop("bt", self.i64c(0), self.i64c(g.batch as u64), one, &[], &mut |s, bt, _| {
             let init: Vec<BasicValueEnum> = (0..GPU_TM * GPU_TN).map(|_| s.f32c(0.0).into()).collect();
             let acc = s.for_loop("k0", s.i64c(0), k, s.i64c(bk as u64), &init, &mut |s, k0, acc| {
                 // Prologue: the A tile and the weight tile (NF4 dequantized here) into shared memory.
-                for q in 0..(bm * bk) / nthreads {
-                    let e = s.add(tid, s.i64c((q * nthreads) as u64))?;
-                    let (row, kk) = if g.ta {
-                        (s.b.build_and(e, s.i64c(bm as u64 - 1), "")?, s.b.build_right_shift(e, s.i64c(6), false, "")?)
-                    } else {
-                        (s.b.build_right_shift(e, s.i64c(4), false, "")?, s.b.build_and(e, s.i64c(bk as u64 - 1), "")?)
-                    };
-                    let (gi, gk) = (s.add(m0, row)?, s.add(k0, kk)?);
-                    let ok = s.b.build_and(s.ult(gi, m)?, s.ult(gk, k)?, "")?;
-                    let v = s.load_a(bt, s.umin(gi, mlast)?, s.umin(gk, klast)?)?;
-                    let v = s.select_f(ok, v, s.f32c(0.0))?;
-                    s.st_f32(a_sh, s.add(s.mulc(kk, bm)?, row)?, v)?;
-                }
-                for q in 0..(bn * bk) / nthreads {
-                    let e = s.add(tid, s.i64c((q * nthreads) as u64))?;
-                    let (col, kk) = if g.tb {
-                        (s.b.build_right_shift(e, s.i64c(4), false, "")?, s.b.build_and(e, s.i64c(bk as u64 - 1), "")?)
-                    } else {
-                        (s.b.build_and(e, s.i64c(bn as u64 - 1), "")?, s.b.build_right_shift(e, s.i64c(6), false, "")?)
-                    };
-                    let (gn, gk) = (s.add(n0, col)?, s.add(k0, kk)?);
-                    let ok = s.b.build_and(s.ult(gn, n)?, s.ult(gk, k)?, "")?;
-                    let v = s.load_w(bt, s.umin(gk, klast)?, s.umin(gn, nlast)?)?;
-                    let v = s.select_f(ok, v, s.f32c(0.0))?;
-                    s.st_f32(b_sh, s.add(s.mulc(kk, bn)?, col)?, v)?;
-                }
+                s.load_tiles(
+                    bt,
+                    k0,
+                    tid,
+                    nthreads,
+                    m0,
+                    n0,
+                    &mut |s, row, kk, v| s.st_f32(a_sh, s.add(s.mulc(kk, bm)?, row)?, v),
+                    &mut |s, col, kk, v| s.st_f32(b_sh, s.add(s.mulc(kk, bn)?, col)?, v),
+                )?;
                 s.cta_barrier()?;
                 let mut acc: Vec<FloatValue> = acc.iter().map(|v| v.into_float_value()).collect();
                 let (ar, bc) = (s.mulc(ty, GPU_TM)?, s.mulc(tx, GPU_TN)?);
@@ -756,6 +738,65 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             }
             Ok(vec![])
         })?;
+        Ok(())
+    }
+
+    /// One K step's tile loads, shared by the SIMT and the tensor-core kernels: `nthreads` threads load the
+    /// `GPU_TILE_M × GPU_TILE_K` tile of A at (`m0`, `k0`) and the `GPU_TILE_K × GPU_TILE_N` tile of the weight at
+    /// (`k0`, `n0`) — the weight's loads are the NF4 dequantization prologue — as 0 outside the matrices (clamped
+    /// index + select), and give each value to `put_a(row, kk, v)` / `put_w(col, kk, v)`. Consecutive threads read
+    /// along the source's contiguous axis.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn load_tiles(
+        &mut self,
+        bt: IntValue<'ctx>,
+        k0: IntValue<'ctx>,
+        tid: IntValue<'ctx>,
+        nthreads: usize,
+        m0: IntValue<'ctx>,
+        n0: IntValue<'ctx>,
+        put_a: &mut dyn FnMut(&mut Self, IntValue<'ctx>, IntValue<'ctx>, FloatValue<'ctx>) -> Kr<()>,
+        put_w: &mut dyn FnMut(&mut Self, IntValue<'ctx>, IntValue<'ctx>, FloatValue<'ctx>) -> Kr<()>,
+    ) -> Kr<()> {
+        let g = self.g;
+        let (bm, bn, bk) = (GPU_TILE_M, GPU_TILE_N, GPU_TILE_K);
+        let (m, n, k) = (self.i64c(g.m as u64), self.i64c(g.n as u64), self.i64c(g.k as u64));
+        let (mlast, nlast, klast) =
+            (self.i64c(g.m as u64 - 1), self.i64c(g.n as u64 - 1), self.i64c(g.k.max(1) as u64 - 1));
+        // (index along M or N, kk) of element e of a tile `wide` long in M/N: K-contiguous or M/N-contiguous source.
+        let split =
+            |s: &Self, e: IntValue<'ctx>, wide: usize, k_contiguous: bool| -> Kr<(IntValue<'ctx>, IntValue<'ctx>)> {
+                let b = &s.b;
+                Ok(if k_contiguous {
+                    (
+                        b.build_right_shift(e, s.i64c(bk.trailing_zeros() as u64), false, "")?,
+                        b.build_and(e, s.i64c(bk as u64 - 1), "")?,
+                    )
+                } else {
+                    (
+                        b.build_and(e, s.i64c(wide as u64 - 1), "")?,
+                        b.build_right_shift(e, s.i64c(wide.trailing_zeros() as u64), false, "")?,
+                    )
+                })
+            };
+        for q in 0..(bm * bk) / nthreads {
+            let e = self.add(tid, self.i64c((q * nthreads) as u64))?;
+            let (row, kk) = split(self, e, bm, !g.ta)?;
+            let (gi, gk) = (self.add(m0, row)?, self.add(k0, kk)?);
+            let ok = self.b.build_and(self.ult(gi, m)?, self.ult(gk, k)?, "")?;
+            let v = self.load_a(bt, self.umin(gi, mlast)?, self.umin(gk, klast)?)?;
+            let v = self.select_f(ok, v, self.f32c(0.0))?;
+            put_a(self, row, kk, v)?;
+        }
+        for q in 0..(bn * bk) / nthreads {
+            let e = self.add(tid, self.i64c((q * nthreads) as u64))?;
+            let (col, kk) = split(self, e, bn, g.tb)?;
+            let (gn, gk) = (self.add(n0, col)?, self.add(k0, kk)?);
+            let ok = self.b.build_and(self.ult(gn, n)?, self.ult(gk, k)?, "")?;
+            let v = self.load_w(bt, self.umin(gk, klast)?, self.umin(gn, nlast)?)?;
+            let v = self.select_f(ok, v, self.f32c(0.0))?;
+            put_w(self, col, kk, v)?;
+        }
         Ok(())
     }
 
@@ -827,9 +868,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let wn = self.mulc(self.b.build_and(warp, self.i64c(1), "")?, 32)?;
         let m0 = self.mulc(self.sreg(Sreg::CtaIdY)?, bm)?;
         let n0 = self.mulc(self.sreg(Sreg::CtaIdX)?, bn)?;
-        let (m, n, k) = (self.i64c(g.m as u64), self.i64c(g.n as u64), self.i64c(g.k as u64));
-        let (mlast, nlast, klast) =
-            (self.i64c(g.m as u64 - 1), self.i64c(g.n as u64 - 1), self.i64c(g.k.max(1) as u64 - 1));
+        let k = self.i64c(g.k as u64);
         let i32t = self.ctx.i32_type();
         let mma = self.intrinsic("llvm.nvvm.mma.m16n8k16.row.col.bf16", &[])?;
         let one = self.i64c(1);
@@ -837,34 +876,14 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             let init: Vec<BasicValueEnum> = (0..2 * 4 * 4).map(|_| s.f32c(0.0).into()).collect();
             let acc = s.for_loop("k0", s.i64c(0), k, s.i64c(bk as u64), &init, &mut |s, k0, acc| {
                 // Prologue: A and the weight (NF4 dequantized here) into shared memory as bf16, K-contiguous.
-                for q in 0..(bm * bk) / nthreads {
-                    let e = s.add(tid, s.i64c((q * nthreads) as u64))?;
-                    let (row, kk) = if g.ta {
-                        (s.b.build_and(e, s.i64c(bm as u64 - 1), "")?, s.b.build_right_shift(e, s.i64c(6), false, "")?)
-                    } else {
-                        (s.b.build_right_shift(e, s.i64c(4), false, "")?, s.b.build_and(e, s.i64c(bk as u64 - 1), "")?)
-                    };
-                    let (gi, gk) = (s.add(m0, row)?, s.add(k0, kk)?);
-                    let ok = s.b.build_and(s.ult(gi, m)?, s.ult(gk, k)?, "")?;
-                    let v = s.load_a(bt, s.umin(gi, mlast)?, s.umin(gk, klast)?)?;
-                    let v = s.select_f(ok, v, s.f32c(0.0))?;
-                    let h = s.b.build_int_truncate(s.bf16_bits(v)?, i16t, "")?;
-                    s.b.build_store(s.gep(i16t, a_sh, s.add(s.mulc(row, bk)?, kk)?)?, h)?;
-                }
-                for q in 0..(bn * bk) / nthreads {
-                    let e = s.add(tid, s.i64c((q * nthreads) as u64))?;
-                    let (col, kk) = if g.tb {
-                        (s.b.build_right_shift(e, s.i64c(4), false, "")?, s.b.build_and(e, s.i64c(bk as u64 - 1), "")?)
-                    } else {
-                        (s.b.build_and(e, s.i64c(bn as u64 - 1), "")?, s.b.build_right_shift(e, s.i64c(6), false, "")?)
-                    };
-                    let (gn, gk) = (s.add(n0, col)?, s.add(k0, kk)?);
-                    let ok = s.b.build_and(s.ult(gn, n)?, s.ult(gk, k)?, "")?;
-                    let v = s.load_w(bt, s.umin(gk, klast)?, s.umin(gn, nlast)?)?;
-                    let v = s.select_f(ok, v, s.f32c(0.0))?;
-                    let h = s.b.build_int_truncate(s.bf16_bits(v)?, i16t, "")?;
-                    s.b.build_store(s.gep(i16t, b_sh, s.add(s.mulc(col, bk)?, kk)?)?, h)?;
-                }
+                let put = |sh: PointerValue<'ctx>| {
+                    move |s: &mut Self, mn: IntValue<'ctx>, kk: IntValue<'ctx>, v: FloatValue<'ctx>| -> Kr<()> {
+                        let h = s.b.build_int_truncate(s.bf16_bits(v)?, i16t, "")?;
+                        s.b.build_store(s.gep(i16t, sh, s.add(s.mulc(mn, bk)?, kk)?)?, h)?;
+                        Ok(())
+                    }
+                };
+                s.load_tiles(bt, k0, tid, nthreads, m0, n0, &mut put(a_sh), &mut put(b_sh))?;
                 s.cta_barrier()?;
                 // Fragments: 32-bit words of the shared tiles (word w holds K values 2w and 2w + 1 of a row).
                 let word = |s: &Self, base: PointerValue<'ctx>, r: IntValue<'ctx>, w: usize| -> Kr<IntValue<'ctx>> {

@@ -139,22 +139,11 @@ pub fn bench(
     match backend {
         "cpu" => {
             let mut be = crate::cpu::CpuBackend::new(plan, threads).map_err(|e| format!("error: {e}"))?;
-            for p in &plan.params {
-                if matches!(p.init, Init::Load) {
-                    let n: usize = p.shape.iter().product();
-                    be.set_param_f32(&p.name, &data.frozen(&p.name, n)).map_err(|e| format!("error: {e}"))?;
-                }
-            }
+            data.load_frozen(plan, &mut be).map_err(|e| format!("error: {e}"))?;
             be.init_params(plan.train.seed).map_err(|e| format!("error: {e}"))?;
             out.load_seconds = t_load.elapsed().as_secs_f64();
             for step in 1..=(warmup + steps) as u64 {
-                for i in &plan.inputs {
-                    match data.input(&i.name, &i.shape, i.dtype, step, vocab) {
-                        InputData::F32(d) => be.set_input_f32(&i.name, &d),
-                        InputData::I32(d) => be.set_input_i32(&i.name, &d),
-                    }
-                    .map_err(|e| format!("error: {e}"))?;
-                }
+                data.set_inputs(plan, &mut be, step).map_err(|e| format!("error: {e}"))?;
                 let t0 = Instant::now();
                 let last = step as usize == warmup + steps;
                 let o = if profile && last {
@@ -200,20 +189,11 @@ pub fn bench(
             let mut be = crate::CudaBackend::new(plan, 0).map_err(|e| format!("error: --backend cuda: {e}"))?;
             out.device = Some(be.device().name.clone());
             out.allocated_bytes = Some(be.allocated_bytes());
-            for p in plan.params.iter().filter(|p| matches!(p.init, Init::Load)) {
-                let n: usize = p.shape.iter().product();
-                be.set_param_f32(&p.name, &data.frozen(&p.name, n)).map_err(|e| format!("error: {e}"))?;
-            }
+            data.load_frozen(plan, &mut be).map_err(|e| format!("error: {e}"))?;
             be.init_params(plan.train.seed).map_err(|e| format!("error: {e}"))?;
             out.load_seconds = t_load.elapsed().as_secs_f64();
             for step in 1..=(warmup + steps) as u64 {
-                for i in &plan.inputs {
-                    match data.input(&i.name, &i.shape, i.dtype, step, vocab) {
-                        InputData::F32(d) => be.set_input_f32(&i.name, &d),
-                        InputData::I32(d) => be.set_input_i32(&i.name, &d),
-                    }
-                    .map_err(|e| format!("error: {e}"))?;
-                }
+                data.set_inputs(plan, &mut be, step).map_err(|e| format!("error: {e}"))?;
                 let t0 = Instant::now();
                 let o = be.step().map_err(|e| format!("error: step {step}: {e}"))?;
                 let dt = t0.elapsed().as_secs_f64();

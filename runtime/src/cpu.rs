@@ -89,6 +89,11 @@ pub fn init_order<'a>(params: impl Iterator<Item = &'a ParamBinding> + Clone) ->
     inits(false).chain(inits(true)).map(|(i, _)| i).collect()
 }
 
+/// A parameter's f32 values in its NF4 format, quantized on every core (as bitsandbytes quantizes on load).
+pub fn quantize_param(data: &[f32], shape: &[usize], f: ir::Nf4Format) -> ir::nf4::Nf4Tensor {
+    ir::nf4::quantize_parallel(data, shape, f.block as usize, f.double_quant.map(|b2| b2 as usize), default_threads())
+}
+
 /// The number of worker threads to use by default: the machine's available parallelism.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -585,13 +590,7 @@ impl CpuBackend {
                 Ok(())
             }
             DType::Nf4(f) => {
-                let q = ir::nf4::quantize_parallel(
-                    data,
-                    &b.shape,
-                    f.block as usize,
-                    f.double_quant.map(|b2| b2 as usize),
-                    crate::cpu::default_threads(),
-                );
+                let q = crate::cpu::quantize_param(data, &b.shape, f);
                 self.set_param_nf4(name, &q)
             }
             other => Err(RuntimeError::Unsupported(format!(

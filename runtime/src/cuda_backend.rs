@@ -650,13 +650,7 @@ impl CudaBackend {
                 Ok(())
             }
             DType::Nf4(f) => {
-                let q = ir::nf4::quantize_parallel(
-                    data,
-                    &b.shape,
-                    f.block as usize,
-                    f.double_quant.map(|b2| b2 as usize),
-                    crate::cpu::default_threads(),
-                );
+                let q = crate::cpu::quantize_param(data, &b.shape, f);
                 self.set_param_nf4(name, &q)
             }
             other => Err(RuntimeError::Unsupported(format!(

@@ -5,7 +5,7 @@
 use ir::plan::Plan;
 use ir::DType;
 
-use super::ACCUM_APPLY;
+use super::{PlanBackend, ACCUM_APPLY};
 
 /// One per-step input's values.
 #[derive(Clone, Debug, PartialEq)]
@@ -70,6 +70,28 @@ impl RandomData {
             (_, DType::I32) => InputData::I32(vec![0; n]),
             _ => InputData::F32(self.uniform(name, n, 1.0)),
         }
+    }
+}
+
+impl RandomData {
+    /// Sets every loaded (frozen) parameter of `plan` on `be` from the seeded values.
+    pub fn load_frozen(&self, plan: &Plan, be: &mut dyn PlanBackend) -> Result<(), String> {
+        for p in plan.params.iter().filter(|p| matches!(p.init, ir::Init::Load)) {
+            be.put_param_f32(&p.name, &self.frozen(&p.name, p.shape.iter().product()))?;
+        }
+        Ok(())
+    }
+
+    /// Sets every input of `plan` on `be` to its seeded values for `step`.
+    pub fn set_inputs(&self, plan: &Plan, be: &mut dyn PlanBackend, step: u64) -> Result<(), String> {
+        let vocab = vocab_of(plan);
+        for i in &plan.inputs {
+            match self.input(&i.name, &i.shape, i.dtype, step, vocab) {
+                InputData::F32(d) => be.put_input_f32(&i.name, &d),
+                InputData::I32(d) => be.put_input_i32(&i.name, &d),
+            }?;
+        }
+        Ok(())
     }
 }
 
