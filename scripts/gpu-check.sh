@@ -9,7 +9,8 @@
 #       (`tunec-runner bench --backend cuda`, seeded random weights; plans with f32 SIMT GEMMs and with bf16
 #       tensor-core GEMMs) vs PyTorch + transformers + PEFT + bitsandbytes (tests/bench/gpu_qlora_step.py, bf16
 #       compute) in the same run: tokens/s, step time, MFU, device memory, ratio.
-# Prints a table at the end and writes every number to the JSON file --json names.
+# Prints a table at the end and writes every number to the JSON file --json names. Each part has a time limit
+# (`timeout`; exit 124 in its log) so the whole stays under 8 minutes; a part cut off shows as missing numbers.
 #
 # Usage: scripts/gpu-check.sh [--json PATH] [--steps N] [--smoke]
 #   --smoke   no GPU: the same pipeline on the CPU with examples/tiny.qlora.rs's model (our cpu backend; the PyTorch
@@ -18,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 json=target/bench/gpu_check.json
-steps=5
+steps=3
 smoke=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -53,7 +54,8 @@ else
   [ -d "$carry" ] || { echo "error: $carry missing: run scripts/gpu-prepare.sh on the build machine and carry it" >&2; exit 2; }
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   runner="$carry/tunec-runner"
-  plans=("$carry"/plans/*.plan)
+  # bf16 tensor cores at both shapes, f32 SIMT at 4x512 only (the time budget).
+  plans=("$carry"/plans/*.bf16.plan "$carry/plans/llama2-7b.qlora.r16.4x512.plan")
   backend=cuda
   python=python3
   mkdir -p "$work/site" && tar xzf "$carry/bnb.tgz" -C "$work/site"
@@ -62,11 +64,11 @@ else
 
   echo "== (a) kernels: tiny recipes on the GPU vs the interpreter $(elapsed)"
   tar xzf "$carry/gpucheck.tgz" -C "$work"
-  "$carry/gpu_check" "$work/gpucheck" > "$work/gpu_check.txt" 2>&1
+  timeout 60 "$carry/gpu_check" "$work/gpucheck" > "$work/gpu_check.txt" 2>&1
   echo "gpu_check exit $?" >> "$work/gpu_check.txt"
   grep -E "^device|FAIL|ERROR|passed|exit" "$work/gpu_check.txt"
   echo "== (a) the 7B QLoRA step (4x512) on the cuda backend vs the cpu backend $(elapsed)"
-  "$carry/cuda_step" "$carry/plans/llama2-7b.qlora.r16.4x512.plan" 1 > "$work/cuda_step_7b.txt" 2>&1
+  timeout 120 "$carry/cuda_step" "$carry/plans/llama2-7b.qlora.r16.4x512.plan" 1 > "$work/cuda_step_7b.txt" 2>&1
   echo "cuda_step exit $?" >> "$work/cuda_step_7b.txt"
   grep -vE "^  " "$work/cuda_step_7b.txt" | tail -20
 fi
@@ -74,11 +76,11 @@ fi
 echo "== (b) ours: tunec-runner bench --backend $backend $(elapsed)"
 for p in "${plans[@]}"; do
   name=$(basename "$p" .plan)
-  "$runner" bench "$p" --backend "$backend" --steps "$steps" --warmup 2 --json "$work/ours_$name.json" 2>&1 \
+  timeout 50 "$runner" bench "$p" --backend "$backend" --steps "$steps" --warmup 1 --json "$work/ours_$name.json" 2>&1 \
     | tee "$work/ours_$name.txt"
 done
 echo "== (b) PyTorch + transformers + PEFT + bitsandbytes $(elapsed)"
-"$python" tests/bench/gpu_qlora_step.py "${peft_args[@]}" --steps "$steps" --warmup 2 --json "$work/peft.json" 2>&1 \
+timeout 140 "$python" tests/bench/gpu_qlora_step.py "${peft_args[@]}" --steps "$steps" --warmup 1 --json "$work/peft.json" 2>&1 \
   | tee "$work/peft.txt" | grep -vE "Failed to load CPU gemm_4bit_forward"
 
 echo "== summary $(elapsed)"
