@@ -6,7 +6,8 @@
 #       cpu backend — every kernel of the 7B plan at its real shapes, compared through the step's loss and every
 #       trainable parameter and optimizer state (cuda_step, 1 step);
 #   (b) speed: QLoRA on the Llama-2-7B shape (r=16 on all linear layers, micro-batch 4 x 512 and 1 x 2048) — ours
-#       (`tunec-runner bench --backend cuda`, seeded random weights; plans with f32 SIMT GEMMs and with bf16
+#       (`tunec-runner bench --backend cuda --profile`, seeded random weights, the last step timed kernel by kernel
+#       to show where it goes; plans with f32 SIMT GEMMs and with bf16
 #       tensor-core GEMMs) vs PyTorch + transformers + PEFT + bitsandbytes (tests/bench/gpu_qlora_step.py, bf16
 #       compute) in the same run: tokens/s, step time, MFU, device memory, ratio.
 # Prints a table at the end and writes every number to the JSON file --json names. Each part has a time limit
@@ -76,7 +77,7 @@ fi
 echo "== (b) ours: tunec-runner bench --backend $backend $(elapsed)"
 for p in "${plans[@]}"; do
   name=$(basename "$p" .plan)
-  timeout 50 "$runner" bench "$p" --backend "$backend" --steps "$steps" --warmup 1 --json "$work/ours_$name.json" 2>&1 \
+  timeout 50 "$runner" bench "$p" --backend "$backend" --steps "$steps" --warmup 1 --profile --json "$work/ours_$name.json" 2>&1 \
     | tee "$work/ours_$name.txt"
 done
 echo "== (b) PyTorch + transformers + PEFT + bitsandbytes $(elapsed)"

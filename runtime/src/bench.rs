@@ -36,7 +36,7 @@ pub struct BenchArgs {
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Time the last cpu step kernel by kernel and print the time per kernel kind
+    /// Time the last step (cpu or cuda) kernel by kernel and print the time per kernel kind and the slowest kernels
     #[arg(long)]
     pub profile: bool,
 }
@@ -87,6 +87,46 @@ fn value(d: InputData, shape: &[usize]) -> Value {
     }
 }
 
+/// A step timed kernel by kernel: the time per kernel kind (`matmul`, `attention_bwd`, …) and the slowest kernels.
+struct Profile<'a> {
+    plan: &'a Plan,
+    per: std::collections::BTreeMap<String, (f64, usize)>,
+    each: Vec<(f64, usize)>,
+    t: Instant,
+}
+
+impl<'a> Profile<'a> {
+    fn new(plan: &'a Plan) -> Profile<'a> {
+        Profile { plan, per: Default::default(), each: vec![], t: Instant::now() }
+    }
+
+    /// Kernel `k` finished (the time since the previous one is its).
+    fn kernel_done(&mut self, k: usize) {
+        let kind = self.plan.kernels[k].name.split(':').next().unwrap_or("").to_string();
+        let dt = self.t.elapsed().as_secs_f64();
+        let e = self.per.entry(kind).or_default();
+        e.0 += dt;
+        e.1 += 1;
+        self.each.push((dt, k));
+        self.t = Instant::now();
+    }
+
+    fn print(mut self) {
+        let mut rows: Vec<_> = self.per.into_iter().collect();
+        rows.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).expect("finite"));
+        println!("profile (one step, kernel by kernel): kind, kernels, seconds");
+        for (kind, (sec, n)) in rows {
+            println!("  {kind:<28} {n:>6} {sec:>9.3}");
+        }
+        self.each.sort_by(|a, b| b.0.partial_cmp(&a.0).expect("finite"));
+        println!("slowest kernels: ms, symbol, name");
+        for (dt, k) in self.each.iter().take(12) {
+            let c = &self.plan.kernels[*k];
+            println!("  {:>8.2}  {:<10} {}", dt * 1e3, c.symbol, c.name);
+        }
+    }
+}
+
 /// One backend's measured steps.
 pub struct BenchResult {
     pub backend: String,
@@ -111,8 +151,8 @@ impl BenchResult {
     }
 }
 
-/// Runs `warmup + steps` steps of `plan` on `backend` (`cpu` or `interp`). With `profile`, the cpu backend's last
-/// step runs kernel by kernel and the time per kernel kind (`matmul`, `attention_bwd`, …) is printed.
+/// Runs `warmup + steps` steps of `plan` on `backend` (`cpu`, `cuda` or `interp`). With `profile`, the last cpu or
+/// cuda step runs kernel by kernel and the time per kernel kind (`matmul`, `attention_bwd`, …) is printed.
 pub fn bench(
     plan: &Plan,
     backend: &str,
@@ -147,32 +187,9 @@ pub fn bench(
                 let t0 = Instant::now();
                 let last = step as usize == warmup + steps;
                 let o = if profile && last {
-                    let mut per: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
-                    let mut each: Vec<(f64, usize)> = vec![];
-                    let mut t = Instant::now();
-                    let o = be
-                        .step_each(|k, _| {
-                            let kind = plan.kernels[k].name.split(':').next().unwrap_or("").to_string();
-                            let e = per.entry(kind).or_default();
-                            let dt = t.elapsed().as_secs_f64();
-                            e.0 += dt;
-                            e.1 += 1;
-                            each.push((dt, k));
-                            t = Instant::now();
-                        })
-                        .map_err(|e| format!("error: step {step}: {e}"))?;
-                    let mut rows: Vec<_> = per.into_iter().collect();
-                    rows.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).expect("finite"));
-                    println!("profile (one step, kernel by kernel): kind, kernels, seconds");
-                    for (kind, (sec, n)) in rows {
-                        println!("  {kind:<28} {n:>6} {sec:>9.3}");
-                    }
-                    each.sort_by(|a, b| b.0.partial_cmp(&a.0).expect("finite"));
-                    println!("slowest kernels: ms, symbol, name");
-                    for (dt, k) in each.iter().take(12) {
-                        let c = &plan.kernels[*k];
-                        println!("  {:>8.2}  {:<10} {}", dt * 1e3, c.symbol, c.name);
-                    }
+                    let mut prof = Profile::new(plan);
+                    let o = be.step_each(|k, _| prof.kernel_done(k)).map_err(|e| format!("error: step {step}: {e}"))?;
+                    prof.print();
                     o
                 } else {
                     be.step().map_err(|e| format!("error: step {step}: {e}"))?
@@ -195,7 +212,14 @@ pub fn bench(
             for step in 1..=(warmup + steps) as u64 {
                 data.set_inputs(plan, &mut be, step).map_err(|e| format!("error: {e}"))?;
                 let t0 = Instant::now();
-                let o = be.step().map_err(|e| format!("error: step {step}: {e}"))?;
+                let o = if profile && step as usize == warmup + steps {
+                    let mut prof = Profile::new(plan);
+                    let o = be.step_each(|k| prof.kernel_done(k)).map_err(|e| format!("error: step {step}: {e}"))?;
+                    prof.print();
+                    o
+                } else {
+                    be.step().map_err(|e| format!("error: step {step}: {e}"))?
+                };
                 let dt = t0.elapsed().as_secs_f64();
                 let in_use = be.memory_in_use().map_err(|e| format!("error: {e}"))?;
                 out.peak_in_use_bytes = Some(out.peak_in_use_bytes.unwrap_or(0).max(in_use));

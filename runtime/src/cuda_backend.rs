@@ -808,6 +808,16 @@ impl CudaBackend {
     /// first), then the constant outputs and the updates that were not written in place; synchronizes and reads the
     /// reported outputs. Every parameter and input must have been set.
     pub fn step(&mut self) -> Result<StepOutputs, CudaError> {
+        self.run_step(None)
+    }
+
+    /// [`CudaBackend::step`], waiting for each kernel and calling `after_kernel(k)` after kernel `k` finished (for
+    /// timing kernels one by one; slower than `step`).
+    pub fn step_each(&mut self, mut after_kernel: impl FnMut(usize)) -> Result<StepOutputs, CudaError> {
+        self.run_step(Some(&mut after_kernel))
+    }
+
+    fn run_step(&mut self, mut each: Option<&mut dyn FnMut(usize)>) -> Result<StepOutputs, CudaError> {
         self.check_ready()?;
         self.bind()?;
         let cu_stream = self.stream.cu_stream();
@@ -824,6 +834,10 @@ impl CudaBackend {
             // SAFETY: the entry takes one pointer per buffer argument (and one for its seeds), in this order, each
             // the address of memory of the planned size; the grid and block are the plan's.
             unsafe { b.launch(l.cfg) }.map_err(driver(format!("launching kernel {k}")))?;
+            if let Some(f) = each.as_deref_mut() {
+                self.stream.synchronize().map_err(driver(format!("running kernel {k}")))?;
+                f(k);
+            }
         }
         // Kept until the stream is synchronized below.
         let fills: Vec<Vec<u8>> = self
