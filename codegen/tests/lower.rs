@@ -405,6 +405,20 @@ fn other_templates_ops_are_unsupported() {
     assert_eq!(g.kernels.len(), 1);
     assert!(kernels::template::Template::covers(&g, &g.kernels[0]));
 
+    // A group with a prologue (an op feeding the GEMM) is not a GEMM with an epilogue, even when the shapes would
+    // allow one loop over both.
+    let mut b = Builder::new("pro");
+    let x = b.input("x", Type::f32(vec![4, 4])).unwrap();
+    let w = b.input("w", Type::f32(vec![4, 4])).unwrap();
+    let x2 = b.scale(x, 3.0).unwrap();
+    let y = b.matmul(x2, w, false, true).unwrap();
+    let z = b.scale(y, 2.0).unwrap();
+    b.output(OutputKind::Logits, z);
+    let g = b.finish();
+    let k = ir::Kernel { name: "matmul:pro".into(), nodes: vec![x2, y, z] };
+    let err = kernels::template::Template::of(&g, &k).unwrap_err();
+    assert!(err.contains("feeds the GEMM"), "{err}");
+
     // An epilogue that reads the GEMM result at another element (a broadcast) is not covered: `fuse` splits the
     // group into covered kernels.
     let mut b = Builder::new("mm");

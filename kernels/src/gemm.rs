@@ -231,6 +231,18 @@ impl Gemm {
         if rest.iter().all(|&v| rooted_at_anchor(v)) {
             return Ok(gm);
         }
+        // An epilogue only: no member may feed the GEMM (a prologue, which the GEMM would read from memory before
+        // the epilogue wrote it). Members beside the GEMM's path (silu(gate) in the MLP backward) are fine.
+        let mut feeds: std::collections::HashSet<ValueId> = std::collections::HashSet::new();
+        let mut stack: Vec<ValueId> = g.node(anchor).inputs.clone();
+        while let Some(v) = stack.pop() {
+            if member(v) && feeds.insert(v) {
+                stack.extend(g.node(v).inputs.iter().copied());
+            }
+        }
+        if let Some(v) = rest.iter().find(|v| feeds.contains(v)) {
+            return unsupported(format!("{v} ({}) feeds the GEMM: not an epilogue", g.node(*v).op.mnemonic()));
+        }
         // Values read after the group's first node by a node outside it (readers follow their inputs).
         let first = sorted[0];
         let mut outside: std::collections::HashSet<ValueId> = g.outputs.iter().map(|o| o.value).collect();
