@@ -55,8 +55,8 @@ else
   [ -d "$carry" ] || { echo "error: $carry missing: run scripts/gpu-prepare.sh on the build machine and carry it" >&2; exit 2; }
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   runner="$carry/tunec-runner"
-  # bf16 tensor cores at both shapes, f32 SIMT at 4x512 only (the time budget).
-  plans=("$carry"/plans/*.bf16.plan "$carry/plans/llama2-7b.qlora.r16.4x512.plan")
+  # bf16 tensor cores at both shapes and with per-block recompute; f32 SIMT is timed by cuda_step (the time budget).
+  plans=("$carry"/plans/*.bf16.plan "$carry"/plans/*.bf16.recompute.plan)
   backend=cuda
   python=python3
   mkdir -p "$work/site" && tar xzf "$carry/bnb.tgz" -C "$work/site"
@@ -104,18 +104,23 @@ if kern is not None:
     rels = [float(x) for x in re.findall(r"\s([0-9.]+e[-+]\d+)\s+(?:pass|FAIL)", kern)]
     summary["tiny_kernels"] = {"passed": int(m.group(1)) if m else None, "failed": int(m.group(2)) if m else None,
                                "max_rel_err": max(rels) if rels else None}
+ours = {}
 step = text("cuda_step_7b.txt")
 if step is not None:
     m = re.search(r"(\d+) with elements outside", step)
     absd = [float(x) for x in re.findall(r"^\S+\s+\d+\s+([0-9.]+e[-+]\d+)", step, re.M)]
+    t = re.search(r"median ([0-9.]+) ms \(min [0-9.]+ ms\), ([0-9.]+) tokens/s", step)
+    if t:
+        ours[("4x512", "f32")] = {"median_s": float(t.group(1)) / 1e3, "tokens_per_s": float(t.group(2)),
+                                  "source": "cuda_step (5 timed steps)"}
     summary["step_7b_cuda_vs_cpu"] = {"pass": "PASS: cuda matches cpu" in step,
                                       "tensors_outside_tolerance": int(m.group(1)) if m else None,
                                       "max_abs_diff": max(absd) if absd else None}
-ours = {}
 for f in sorted(glob.glob(os.path.join(work, "ours_*.json"))):
     d = json.load(open(f))
     r = d["results"][0]
-    prec = "bf16" if ".bf16." in os.path.basename(d["plan"]) else "f32"
+    base = os.path.basename(d["plan"])
+    prec = ("bf16" if ".bf16." in base else "f32") + ("+rc" if ".recompute." in base else "")
     ours[(f"{d['micro_batch']}x{d['seq_len']}", prec)] = {**r, "plan": d["plan"], "recipe": d["recipe"], "gemm": prec}
 peft = json.load(open(os.path.join(work, "peft.json"))) if os.path.exists(os.path.join(work, "peft.json")) else {}
 peft_rows = {}

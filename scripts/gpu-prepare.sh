@@ -4,8 +4,9 @@
 #   tunec-runner (stripped)           the slim runner: `bench` times plans on the cuda backend
 #   gpu_check, cuda_step (stripped)   kernel cases vs the interpreter; whole steps on the GPU vs the cpu backend
 #   gpucheck.tgz                      every kernel of the tiny LoRA/QLoRA/DoRA/QDoRA steps with reference outputs
-#   plans/*.plan                      the 7B QLoRA benchmark plans (tests/bench/recipes: r=16, 4x512 and 1x2048),
-#                                     with f32 SIMT GEMMs and with bf16 tensor-core GEMMs (`--gemm-precision bf16`)
+#   plans/*.plan                      the 7B QLoRA benchmark plans (tests/bench/recipes: r=16): 4x512 with f32 SIMT
+#                                     GEMMs; 4x512 and 1x2048 with bf16 tensor-core GEMMs (`--gemm-precision bf16`);
+#                                     4x512 bf16 with per-block activation recompute (less memory)
 #   bnb.tgz                           bitsandbytes 0.50.2 (CUDA 12.8/13.0/13.2 libraries only) for the PEFT baseline
 # Usage: scripts/gpu-prepare.sh      (then carry target/gpu-carry and run scripts/gpu-check.sh there)
 set -euo pipefail
@@ -20,11 +21,17 @@ done
 rm -rf target/gpucheck
 cargo run --release -q -p codegen --example dump_gpu_cases -- target/gpucheck
 tar czf "$out/gpucheck.tgz" -C target gpucheck
+# f32 SIMT GEMMs at 4x512 (cuda_step's 7B check and timing); bf16 tensor cores at both shapes.
+r=tests/bench/recipes/llama2-7b.qlora.r16.4x512.rs
+target/release/tunec compile "$r" -o "$out/plans/$(basename "$r" .rs).plan" 2>&1 | grep -E "^(codegen|wrote)"
 for r in tests/bench/recipes/*.rs; do
-  target/release/tunec compile "$r" -o "$out/plans/$(basename "$r" .rs).plan" 2>&1 | grep -E "^(codegen|wrote)"
   target/release/tunec compile "$r" --gemm-precision bf16 -o "$out/plans/$(basename "$r" .rs).bf16.plan" 2>&1 \
     | grep -E "^(codegen|wrote)"
 done
+# The memory-lean variant: per-block activation recompute (what gradient checkpointing is to PEFT).
+r=tests/bench/recipes/llama2-7b.qlora.r16.4x512.rs
+target/release/tunec compile "$r" --gemm-precision bf16 --recompute per-block \
+  -o "$out/plans/$(basename "$r" .rs).bf16.recompute.plan" 2>&1 | grep -E "^(codegen|wrote)"
 # bitsandbytes from the reference venv (tests/bench/run.sh creates it), without the ROCm/XPU/old-CUDA libraries.
 venv="${TUNEC_REF_VENV:-$HOME/.cache/tunec/ref-venv}"
 if ! "$venv/bin/python" -c "import bitsandbytes" 2>/dev/null; then
