@@ -60,6 +60,7 @@ else
   backend=cuda
   python=python3
   mkdir -p "$work/site" && tar xzf "$carry/bnb.tgz" -C "$work/site"
+  # bitsandbytes 0.50 loads the library of torch's CUDA version, else the nearest of the same major version.
   export PYTHONPATH="$PWD/$work/site${PYTHONPATH:+:$PYTHONPATH}"
   peft_args=(--device cuda --shape 7b --configs 4x512,1x2048)
 

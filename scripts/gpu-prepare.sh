@@ -7,7 +7,7 @@
 #   plans/*.plan                      the 7B QLoRA benchmark plans (tests/bench/recipes: r=16): 4x512 with f32 SIMT
 #                                     GEMMs; 4x512 and 1x2048 with bf16 tensor-core GEMMs (`--gemm-precision bf16`);
 #                                     4x512 bf16 with per-block activation recompute (less memory)
-#   bnb.tgz                           bitsandbytes 0.50.2 (CUDA 12.8/13.0/13.2 libraries only) for the PEFT baseline
+#   bnb.tgz                           bitsandbytes 0.50.2 (CUDA 12.6/12.8/13.0/13.2 libraries only) for the PEFT baseline
 # Usage: scripts/gpu-prepare.sh      (then carry target/gpu-carry and run scripts/gpu-check.sh there)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -39,6 +39,6 @@ if ! "$venv/bin/python" -c "import bitsandbytes" 2>/dev/null; then
 fi
 site=$("$venv/bin/python" -c "import bitsandbytes, os; print(os.path.dirname(os.path.dirname(bitsandbytes.__file__)))")
 tar czf "$out/bnb.tgz" -C "$site" --exclude='__pycache__' --exclude='libbitsandbytes_rocm*' \
-  --exclude='libbitsandbytes_xpu*' --exclude='libbitsandbytes_cuda11*' --exclude='libbitsandbytes_cuda12[0-7]*' \
+  --exclude='libbitsandbytes_xpu*' --exclude='libbitsandbytes_cuda11*' --exclude='libbitsandbytes_cuda12[0-5]*' \
   bitsandbytes $(cd "$site" && ls -d bitsandbytes-*.dist-info)
 du -sh "$out"; ls -la "$out" "$out/plans"
