@@ -70,7 +70,7 @@ else
   echo "gpu_check exit $?" >> "$work/gpu_check.txt"
   grep -E "^device|FAIL|ERROR|passed|exit" "$work/gpu_check.txt"
   echo "== (a) the 7B QLoRA step (4x512) on the cuda backend vs the cpu backend $(elapsed)"
-  timeout 120 "$carry/cuda_step" "$carry/plans/llama2-7b.qlora.r16.4x512.plan" 1 > "$work/cuda_step_7b.txt" 2>&1
+  timeout 150 "$carry/cuda_step" "$carry/plans/llama2-7b.qlora.r16.4x512.plan" 1 > "$work/cuda_step_7b.txt" 2>&1
   echo "cuda_step exit $?" >> "$work/cuda_step_7b.txt"
   grep -vE "^  " "$work/cuda_step_7b.txt" | tail -20
 fi
