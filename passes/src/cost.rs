@@ -91,15 +91,26 @@ pub fn is_view(op: &Op) -> bool {
     matches!(op, Op::Reshape { .. } | Op::StopGradient {})
 }
 
+/// Bytes an op's kernel template reads beyond reading each input once: the fused LM-head cross-entropy
+/// (`codegen::nn`) streams the whole weight once per token row — once in the forward, twice in the backward
+/// (logsumexp, then Σ dlogit·W) — so fusing it pays only while that stays below the logits' round trip.
+fn template_rereads(op: &Op, ins: &[&Type]) -> f64 {
+    match op {
+        Op::LinearCrossEntropy { .. } => (ins[0].shape[0].saturating_sub(1) * ins[1].bytes()) as f64,
+        Op::LinearCrossEntropyBwd { .. } => (2 * ins[1].shape[0] - 1) as f64 * ins[2].bytes() as f64,
+        _ => 0.0,
+    }
+}
+
 /// Roofline time of an op as its own kernel, from its types (views and leaves are free; a slice is a strided view
 /// its consumer reads).
 pub fn op_time(op: &Op, ins: &[&Type], out: &Type, t: &Target) -> f64 {
     if op.is_leaf() || is_view(op) || matches!(op, Op::Slice { .. }) {
         return 0.0;
     }
-    let by = ins.iter().map(|i| i.bytes()).sum::<usize>() + out.bytes();
+    let by = ins.iter().map(|i| i.bytes()).sum::<usize>() as f64 + out.bytes() as f64 + template_rereads(op, ins);
     let peak = if is_matmul_like(op) { t.peak_flops } else { t.vector_flops };
-    (op_flops(op, ins, out) / peak).max(by as f64 / t.bandwidth) + t.launch_overhead
+    (op_flops(op, ins, out) / peak).max(by / t.bandwidth) + t.launch_overhead
 }
 
 /// Bytes one node moves as its own kernel: inputs read once, output written once (views and leaves move nothing).
@@ -108,8 +119,9 @@ pub fn bytes(g: &Graph, v: ValueId) -> f64 {
     if n.op.is_leaf() || is_view(&n.op) {
         return 0.0;
     }
-    let read: usize = n.inputs.iter().map(|&i| g.ty(i).bytes()).sum();
-    (read + n.ty.bytes()) as f64
+    let ins: Vec<&Type> = n.inputs.iter().map(|&i| g.ty(i)).collect();
+    let read: usize = ins.iter().map(|t| t.bytes()).sum();
+    (read + n.ty.bytes()) as f64 + template_rereads(&n.op, &ins)
 }
 
 /// Roofline time of one node as its own kernel on `t`, launch included (views and leaves are free).
@@ -127,10 +139,12 @@ pub fn node_time(g: &Graph, v: ValueId, t: &Target) -> f64 {
 pub fn kernel_time(g: &Graph, nodes: &[ValueId], uses_outside: &dyn Fn(ValueId) -> bool, t: &Target) -> f64 {
     let inside = |v: ValueId| nodes.binary_search(&v).is_ok();
     let mut read = std::collections::BTreeSet::new();
-    let (mut fl, mut mm, mut written) = (0.0, false, 0usize);
+    let (mut fl, mut mm, mut written, mut rereads) = (0.0, false, 0usize, 0.0);
     for &v in nodes {
         let n = g.node(v);
         fl += flops(g, v);
+        let ins: Vec<&Type> = n.inputs.iter().map(|&i| g.ty(i)).collect();
+        rereads += template_rereads(&n.op, &ins);
         mm |= is_matmul_like(&n.op);
         for &i in &n.inputs {
             if !inside(i) {
@@ -141,7 +155,7 @@ pub fn kernel_time(g: &Graph, nodes: &[ValueId], uses_outside: &dyn Fn(ValueId) 
             written += n.ty.bytes();
         }
     }
-    let by = read.iter().map(|&i| g.ty(i).bytes()).sum::<usize>() + written;
+    let by = (read.iter().map(|&i| g.ty(i).bytes()).sum::<usize>() + written) as f64 + rereads;
     let peak = if mm { t.peak_flops } else { t.vector_flops };
-    (fl / peak).max(by as f64 / t.bandwidth) + t.launch_overhead
+    (fl / peak).max(by / t.bandwidth) + t.launch_overhead
 }

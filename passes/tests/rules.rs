@@ -207,3 +207,19 @@ proptest! {
         check(&linear_ce(nt, d, v), seed, &[OpKind::LinearCrossEntropy, OpKind::LinearCrossEntropyBwd], &[OpKind::CrossEntropy]);
     }
 }
+
+/// The fused LM-head cross-entropy re-reads the whole weight for every token row (its template), so eqsat keeps the
+/// GEMM + cross-entropy at SmolLM2's LM-head shape (1024 rows, 576 → 49152), and fuses a small head. Shapes only:
+/// extraction needs no values.
+#[test]
+fn a_large_lm_head_stays_a_gemm() {
+    let extract = |g: &Graph| {
+        let mut st = EqsatStats::default();
+        saturate_and_extract(g, &Target::h100(), &Limits::default(), &mut st)
+    };
+    let has = |g: &Graph, k: OpKind| g.nodes.iter().any(|n| n.op.kind() == k);
+    let big = extract(&linear_ce(1024, 576, 49152));
+    assert!(!has(&big, OpKind::LinearCrossEntropy) && has(&big, OpKind::CrossEntropy), "{}", ir::text::print(&big));
+    let small = extract(&linear_ce(16, 64, 128));
+    assert!(has(&small, OpKind::LinearCrossEntropy), "{}", ir::text::print(&small));
+}
