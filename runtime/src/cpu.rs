@@ -27,11 +27,12 @@ mod pool;
 
 pub use memory::{check_nf4_format, nf4_part_bytes, nf4_parts, AlignedBuf, ALIGN};
 
+use crate::slots::{alias_root, check_fits, read_f32, read_i32, to_usize, InputSlot};
 use crate::RuntimeError;
-use ir::interp::{Tensor, Value};
+use ir::interp::Value;
 use ir::nf4::Nf4Tensor;
 use ir::plan::{InputBinding, ParamBinding, Plan, PlanBuffer, Region, ValuePlacement};
-use ir::{DType, Graph, Init, Nf4Format, Op, OutputKind, ValueId};
+use ir::{DType, Graph, Init, Op, OutputKind, ValueId};
 use pool::{HostFn, Launch, Pool};
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -63,18 +64,6 @@ pub fn value_buffer(plan: &Plan, v: ValueId) -> Result<Option<u32>, RuntimeError
         return Ok(Some(b));
     }
     Err(RuntimeError::Unsupported(format!("the aliases of {v} form a cycle")))
-}
-
-/// The value whose storage `v` is: `v` itself, or the end of its `Alias` chain (a view's base).
-fn alias_root(plan: &Plan, v: ValueId) -> ValueId {
-    let mut at = v;
-    for _ in 0..=plan.values.len() {
-        match plan.values.get(at.index()) {
-            Some(ValuePlacement::Alias(of)) => at = ValueId(*of),
-            _ => return at,
-        }
-    }
-    at
 }
 
 /// The indices of the parameters an `init_params` materializes (every init but `load`), in the order to do it:
@@ -128,26 +117,8 @@ impl StepOutputs {
     }
 }
 
-/// An NF4 parameter's storage parts, in kernel-argument `part` order.
-struct Nf4Slot {
-    format: Nf4Format,
-    parts: Vec<AlignedBuf>,
-    tensor: Option<Nf4Tensor>,
-}
-
-struct ParamSlot {
-    binding: ParamBinding,
-    /// The plan's buffer (unused for NF4 parameters).
-    buffer: Option<u32>,
-    nf4: Option<Nf4Slot>,
-    set: bool,
-}
-
-struct InputSlot {
-    binding: InputBinding,
-    buffer: Option<u32>,
-    set: bool,
-}
+type Nf4Slot = crate::slots::Nf4Slot<AlignedBuf>;
+type ParamSlot = crate::slots::ParamSlot<AlignedBuf>;
 
 /// A graph output that is a constant with a buffer: filled after the last kernel.
 struct ConstFill {
@@ -569,16 +540,8 @@ impl CpuBackend {
     pub fn set_param_f32(&mut self, name: &str, data: &[f32]) -> Result<(), RuntimeError> {
         let i = self.param(name)?;
         let b = &self.params[i].binding;
-        let numel: usize = b.shape.iter().product();
-        if data.len() != numel {
-            return Err(RuntimeError::Length {
-                what: "parameter",
-                name: name.to_string(),
-                shape: b.shape.clone(),
-                expected: numel,
-                found: data.len(),
-            });
-        }
+        crate::slots::check_len("parameter", name, &b.shape, data.len())?;
+        let numel = data.len();
         match b.dtype {
             DType::F32 => {
                 let (v, buffer) = (b.value, self.params[i].buffer);
@@ -671,13 +634,7 @@ impl CpuBackend {
     /// A parameter's current value as the initializers read it: NF4 as its storage, f32 as a tensor.
     fn source_value(&self, name: &str) -> Option<Value> {
         let slot = &self.params[*self.param_index.get(name)?];
-        if !slot.set {
-            return None;
-        }
-        match &slot.nf4 {
-            Some(n) => n.tensor.clone().map(Value::Q),
-            None => self.param_f32(name).ok().map(|d| Value::F(Tensor::from_f32(slot.binding.shape.clone(), &d))),
-        }
+        crate::slots::source_value(slot, || self.param_f32(name).ok())
     }
 
     /// Sets an f32 input (row-major, its shape's element count).
@@ -694,26 +651,8 @@ impl CpuBackend {
 
     fn set_input(&mut self, name: &str, dtype: DType, len: usize, bytes: &[u8]) -> Result<(), RuntimeError> {
         let i = self.input(name)?;
-        let b = &self.inputs[i].binding;
-        if b.dtype != dtype {
-            return Err(RuntimeError::DType {
-                what: "input",
-                name: name.to_string(),
-                expected: ir::Type::new(b.dtype, b.shape.clone()).to_string(),
-                found: format!("{dtype} data"),
-            });
-        }
-        let numel: usize = b.shape.iter().product();
-        if len != numel {
-            return Err(RuntimeError::Length {
-                what: "input",
-                name: name.to_string(),
-                shape: b.shape.clone(),
-                expected: numel,
-                found: len,
-            });
-        }
-        let (v, buffer) = (b.value, self.inputs[i].buffer);
+        crate::slots::check_input(&self.inputs[i].binding, dtype, len)?;
+        let (v, buffer) = (self.inputs[i].binding.value, self.inputs[i].buffer);
         if let Some(buf) = buffer {
             self.buffer_bytes_mut(buf, bytes.len()).copy_from_slice(bytes);
             self.holder[buf as usize] = Some(v);
@@ -746,15 +685,7 @@ impl CpuBackend {
     }
 
     fn check_ready(&self) -> Result<(), RuntimeError> {
-        let unset: Vec<String> = self.params.iter().filter(|p| !p.set).map(|p| p.binding.name.clone()).collect();
-        if !unset.is_empty() {
-            return Err(RuntimeError::ParamsNotSet { names: unset });
-        }
-        let unset: Vec<String> = self.inputs.iter().filter(|i| !i.set).map(|i| i.binding.name.clone()).collect();
-        if !unset.is_empty() {
-            return Err(RuntimeError::InputsNotSet { names: unset });
-        }
-        Ok(())
+        crate::slots::check_ready(&self.params, &self.inputs)
     }
 
     /// After the kernels: constant outputs, updates copied back, the reported outputs.
@@ -848,20 +779,6 @@ impl std::fmt::Debug for CpuBackend {
     }
 }
 
-fn to_usize(n: u64) -> Result<usize, RuntimeError> {
-    usize::try_from(n).map_err(|_| RuntimeError::Unsupported(format!("{n} bytes do not fit this machine's memory")))
-}
-
-/// That `bytes` fit buffer `b` (when there is one).
-fn check_fits(plan: &Plan, b: Option<u32>, bytes: usize, what: &str) -> Result<(), RuntimeError> {
-    match b.map(|b| &plan.buffers[b as usize]) {
-        Some(buf) if (buf.bytes as usize) < bytes => {
-            Err(RuntimeError::Unsupported(format!("{what} needs {bytes} bytes, but its buffer has {}", buf.bytes)))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// A buffer holding constant `value` at every element of `ty` (f32 or i32).
 fn const_buffer(ty: &ir::Type, value: f64) -> Result<AlignedBuf, String> {
     let element = match ty.dtype {
@@ -891,12 +808,4 @@ fn write_f32(out: &mut [u8], data: &[f32]) {
     for (o, x) in out.chunks_exact_mut(4).zip(data) {
         o.copy_from_slice(&x.to_le_bytes());
     }
-}
-
-fn read_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
-}
-
-fn read_i32(bytes: &[u8]) -> Vec<i32> {
-    bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
 }

@@ -22,17 +22,15 @@
 
 use crate::cpu::{check_nf4_format, nf4_part_bytes, nf4_parts, value_buffer, StepOutputs};
 use crate::cuda::{cuda_device, CudaUnavailable, DeviceInfo};
-use crate::train::{
-    nonfinite_param, plan_state, set_plan_inputs, Batch, PlanBackend, StepBackend, StepInputs, Tensors,
-};
+use crate::slots::{alias_root, check_fits, read_f32, read_i32, to_usize, InputSlot};
 use crate::RuntimeError;
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig};
 use cudarc::driver::{DevicePtr, PushKernelArg};
 use cudarc::nvrtc::Ptx;
-use ir::interp::{Tensor, Value};
+use ir::interp::Value;
 use ir::nf4::Nf4Tensor;
-use ir::plan::{InputBinding, ParamBinding, Plan, PlanBuffer, Region, ValuePlacement};
-use ir::{DType, Graph, Nf4Format, Op, OutputKind, ValueId};
+use ir::plan::{InputBinding, ParamBinding, Plan, PlanBuffer, Region};
+use ir::{DType, Graph, Op, OutputKind, ValueId};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -91,26 +89,8 @@ impl DevBuf {
     }
 }
 
-/// An NF4 parameter's storage parts on the device, in kernel-argument `part` order, and its host copy.
-struct Nf4Slot {
-    format: Nf4Format,
-    parts: Vec<DevBuf>,
-    tensor: Option<Nf4Tensor>,
-}
-
-struct ParamSlot {
-    binding: ParamBinding,
-    /// The plan's buffer (unused for NF4 parameters).
-    buffer: Option<u32>,
-    nf4: Option<Nf4Slot>,
-    set: bool,
-}
-
-struct InputSlot {
-    binding: InputBinding,
-    buffer: Option<u32>,
-    set: bool,
-}
+type Nf4Slot = crate::slots::Nf4Slot<DevBuf>;
+type ParamSlot = crate::slots::ParamSlot<DevBuf>;
 
 /// One kernel launch: the function, its arguments as device addresses, what to zero first.
 struct Launch {
@@ -170,32 +150,6 @@ pub struct CudaBackend {
     steps: u64,
 }
 
-/// The value whose storage `v` is: `v` itself, or the end of its `Alias` chain.
-fn alias_root(plan: &Plan, v: ValueId) -> ValueId {
-    let mut at = v;
-    for _ in 0..=plan.values.len() {
-        match plan.values.get(at.index()) {
-            Some(ValuePlacement::Alias(of)) => at = ValueId(*of),
-            _ => return at,
-        }
-    }
-    at
-}
-
-/// That `bytes` fit buffer `b` (when there is one).
-fn check_fits(plan: &Plan, b: Option<u32>, bytes: usize, what: &str) -> Result<(), RuntimeError> {
-    match b.map(|b| &plan.buffers[b as usize]) {
-        Some(buf) if (buf.bytes as usize) < bytes => {
-            Err(RuntimeError::Unsupported(format!("{what} needs {bytes} bytes, but its buffer has {}", buf.bytes)))
-        }
-        _ => Ok(()),
-    }
-}
-
-fn to_usize(n: u64) -> Result<usize, RuntimeError> {
-    usize::try_from(n).map_err(|_| RuntimeError::Unsupported(format!("{n} bytes do not fit this machine's memory")))
-}
-
 /// The bytes of a constant `value` at every element of `ty` (f32 or i32).
 fn const_bytes(ty: &ir::Type, value: f64) -> Result<Vec<u8>, String> {
     let element = match ty.dtype {
@@ -219,14 +173,6 @@ fn upload_now(stream: &CudaStream, dst: u64, bytes: &[u8], what: &str) -> Result
     unsafe { result::memcpy_htod_async(dst, bytes, stream.cu_stream()) }
         .map_err(driver(format!("uploading {what}")))?;
     stream.synchronize().map_err(driver(format!("uploading {what}")))
-}
-
-fn read_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
-}
-
-fn read_i32(bytes: &[u8]) -> Vec<i32> {
-    bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
 }
 
 impl CudaBackend {
@@ -629,17 +575,7 @@ impl CudaBackend {
     pub fn set_param_f32(&mut self, name: &str, data: &[f32]) -> Result<(), CudaError> {
         let i = self.param(name)?;
         let b = &self.params[i].binding;
-        let numel: usize = b.shape.iter().product();
-        if data.len() != numel {
-            return Err(RuntimeError::Length {
-                what: "parameter",
-                name: name.to_string(),
-                shape: b.shape.clone(),
-                expected: numel,
-                found: data.len(),
-            }
-            .into());
-        }
+        crate::slots::check_len("parameter", name, &b.shape, data.len())?;
         match b.dtype {
             DType::F32 => {
                 if let Some(buf) = self.params[i].buffer {
@@ -741,13 +677,7 @@ impl CudaBackend {
     /// A parameter's current value as the initializers read it: NF4 as its storage, f32 as a tensor.
     fn source_value(&self, name: &str) -> Option<Value> {
         let slot = &self.params[*self.param_index.get(name)?];
-        if !slot.set {
-            return None;
-        }
-        match &slot.nf4 {
-            Some(n) => n.tensor.clone().map(Value::Q),
-            None => self.param_f32(name).ok().map(|d| Value::F(Tensor::from_f32(slot.binding.shape.clone(), &d))),
-        }
+        crate::slots::source_value(slot, || self.param_f32(name).ok())
     }
 
     /// Sets an f32 input (row-major, its shape's element count).
@@ -764,27 +694,7 @@ impl CudaBackend {
 
     fn set_input(&mut self, name: &str, dtype: DType, len: usize, bytes: &[u8]) -> Result<(), CudaError> {
         let i = self.input(name)?;
-        let b = &self.inputs[i].binding;
-        if b.dtype != dtype {
-            return Err(RuntimeError::DType {
-                what: "input",
-                name: name.to_string(),
-                expected: ir::Type::new(b.dtype, b.shape.clone()).to_string(),
-                found: format!("{dtype} data"),
-            }
-            .into());
-        }
-        let numel: usize = b.shape.iter().product();
-        if len != numel {
-            return Err(RuntimeError::Length {
-                what: "input",
-                name: name.to_string(),
-                shape: b.shape.clone(),
-                expected: numel,
-                found: len,
-            }
-            .into());
-        }
+        crate::slots::check_input(&self.inputs[i].binding, dtype, len)?;
         if let Some(buf) = self.inputs[i].buffer {
             self.upload(self.buffer_ptr(buf), bytes, &format!("input `{name}`"))?;
         }
@@ -793,15 +703,7 @@ impl CudaBackend {
     }
 
     fn check_ready(&self) -> Result<(), RuntimeError> {
-        let unset: Vec<String> = self.params.iter().filter(|p| !p.set).map(|p| p.binding.name.clone()).collect();
-        if !unset.is_empty() {
-            return Err(RuntimeError::ParamsNotSet { names: unset });
-        }
-        let unset: Vec<String> = self.inputs.iter().filter(|i| !i.set).map(|i| i.binding.name.clone()).collect();
-        if !unset.is_empty() {
-            return Err(RuntimeError::InputsNotSet { names: unset });
-        }
-        Ok(())
+        crate::slots::check_ready(&self.params, &self.inputs)
     }
 
     /// Runs one training step on the GPU: every kernel in order on one stream (its `zero_gpu` arguments zeroed
@@ -922,53 +824,9 @@ impl std::fmt::Debug for CudaBackend {
     }
 }
 
-impl PlanBackend for CudaBackend {
-    fn has_input(&self, name: &str) -> bool {
-        self.inputs().any(|i| i.name == name)
+crate::train::plan_backend!(
+    CudaBackend,
+    fn nonfinite_kernel(&mut self) -> Result<Option<String>, String> {
+        Ok(Some("no parameter holds one; the kernel-level search needs --backend cpu (run the same step there)".into()))
     }
-    fn put_input_i32(&mut self, name: &str, data: &[i32]) -> Result<(), String> {
-        self.set_input_i32(name, data).map_err(|e| e.to_string())
-    }
-    fn put_input_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
-        self.set_input_f32(name, data).map_err(|e| e.to_string())
-    }
-    fn param_bindings(&self) -> Vec<ParamBinding> {
-        self.params().cloned().collect()
-    }
-    fn get_param_f32(&self, name: &str) -> Result<Vec<f32>, String> {
-        self.param_f32(name).map_err(|e| e.to_string())
-    }
-    fn put_param_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
-        self.set_param_f32(name, data).map_err(|e| e.to_string())
-    }
-}
-
-/// The cuda backend as the training loop's backend.
-impl StepBackend for CudaBackend {
-    fn set_inputs(&mut self, b: &Batch, lr: f32, step: u64) -> Result<(), String> {
-        self.set_step_inputs(b, StepInputs::step(lr, step))
-    }
-
-    fn set_step_inputs(&mut self, b: &Batch, s: StepInputs) -> Result<(), String> {
-        set_plan_inputs(self, b, s)
-    }
-
-    fn run_step(&mut self) -> Result<(f32, Option<f32>), String> {
-        let o = self.step().map_err(|e| e.to_string())?;
-        Ok((o.loss().unwrap_or(f32::NAN), o.metric("grad_norm")))
-    }
-
-    fn state(&self) -> Result<Tensors, String> {
-        plan_state(self)
-    }
-
-    fn set_state(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
-        self.put_param_f32(name, data)
-    }
-
-    fn first_nonfinite(&mut self) -> Result<Option<String>, String> {
-        Ok(Some(nonfinite_param(self).unwrap_or_else(|| {
-            "no parameter holds one; the kernel-level search needs --backend cpu (run the same step there)".to_string()
-        })))
-    }
-}
+);

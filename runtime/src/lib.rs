@@ -14,6 +14,7 @@ pub mod cuda_backend;
 pub mod data;
 mod error;
 pub mod generate;
+mod slots;
 pub mod train;
 pub mod weights;
 

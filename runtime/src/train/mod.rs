@@ -126,6 +126,74 @@ pub trait PlanBackend {
     fn param_bindings(&self) -> Vec<ir::plan::ParamBinding>;
     fn get_param_f32(&self, name: &str) -> Result<Vec<f32>, String>;
     fn put_param_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String>;
+    /// Runs one step of the plan.
+    fn run_plan_step(&mut self) -> Result<crate::StepOutputs, String>;
+    /// Reruns the step to name the first kernel result holding a non-finite value, where the backend can look
+    /// inside a step (a message saying it cannot, otherwise).
+    fn nonfinite_kernel(&mut self) -> Result<Option<String>, String>;
+}
+
+/// [`PlanBackend`] for a backend whose inherent methods have the usual names (`set_input_*`, `params`,
+/// `param_f32`, `set_param_f32`, `step`), their errors turned into messages; `nonfinite_kernel` is given.
+macro_rules! plan_backend {
+    ($t:ty, $nonfinite_kernel:item) => {
+        impl $crate::train::PlanBackend for $t {
+            fn has_input(&self, name: &str) -> bool {
+                self.inputs().any(|i| i.name == name)
+            }
+            fn put_input_i32(&mut self, name: &str, data: &[i32]) -> Result<(), String> {
+                self.set_input_i32(name, data).map_err(|e| e.to_string())
+            }
+            fn put_input_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
+                self.set_input_f32(name, data).map_err(|e| e.to_string())
+            }
+            fn param_bindings(&self) -> Vec<ir::plan::ParamBinding> {
+                self.params().cloned().collect()
+            }
+            fn get_param_f32(&self, name: &str) -> Result<Vec<f32>, String> {
+                self.param_f32(name).map_err(|e| e.to_string())
+            }
+            fn put_param_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
+                self.set_param_f32(name, data).map_err(|e| e.to_string())
+            }
+            fn run_plan_step(&mut self) -> Result<$crate::StepOutputs, String> {
+                self.step().map_err(|e| e.to_string())
+            }
+            $nonfinite_kernel
+        }
+    };
+}
+pub(crate) use plan_backend;
+
+/// Every plan backend is a training-loop backend.
+impl<T: PlanBackend> StepBackend for T {
+    fn set_inputs(&mut self, b: &Batch, lr: f32, step: u64) -> Result<(), String> {
+        self.set_step_inputs(b, StepInputs::step(lr, step))
+    }
+
+    fn set_step_inputs(&mut self, b: &Batch, s: StepInputs) -> Result<(), String> {
+        set_plan_inputs(self, b, s)
+    }
+
+    fn run_step(&mut self) -> Result<(f32, Option<f32>), String> {
+        let o = self.run_plan_step()?;
+        Ok((o.loss().unwrap_or(f32::NAN), o.metric("grad_norm")))
+    }
+
+    fn state(&self) -> Result<Tensors, String> {
+        plan_state(self)
+    }
+
+    fn set_state(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
+        self.put_param_f32(name, data)
+    }
+
+    fn first_nonfinite(&mut self) -> Result<Option<String>, String> {
+        match nonfinite_param(self) {
+            Some(p) => Ok(Some(p)),
+            None => self.nonfinite_kernel(),
+        }
+    }
 }
 
 /// One micro-step's inputs into a plan backend: the batch, lr, the optimizer step, the dropout step counter and
@@ -173,54 +241,10 @@ pub fn nonfinite_param(be: &dyn PlanBackend) -> Option<String> {
     None
 }
 
-impl PlanBackend for CpuBackend {
-    fn has_input(&self, name: &str) -> bool {
-        self.inputs().any(|i| i.name == name)
-    }
-    fn put_input_i32(&mut self, name: &str, data: &[i32]) -> Result<(), String> {
-        self.set_input_i32(name, data).map_err(|e| e.to_string())
-    }
-    fn put_input_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
-        self.set_input_f32(name, data).map_err(|e| e.to_string())
-    }
-    fn param_bindings(&self) -> Vec<ir::plan::ParamBinding> {
-        self.params().cloned().collect()
-    }
-    fn get_param_f32(&self, name: &str) -> Result<Vec<f32>, String> {
-        self.param_f32(name).map_err(|e| e.to_string())
-    }
-    fn put_param_f32(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
-        self.set_param_f32(name, data).map_err(|e| e.to_string())
-    }
-}
-
-/// The cpu backend as the loop's backend.
-impl StepBackend for CpuBackend {
-    fn set_inputs(&mut self, b: &Batch, lr: f32, step: u64) -> Result<(), String> {
-        self.set_step_inputs(b, StepInputs::step(lr, step))
-    }
-
-    fn set_step_inputs(&mut self, b: &Batch, s: StepInputs) -> Result<(), String> {
-        set_plan_inputs(self, b, s)
-    }
-
-    fn run_step(&mut self) -> Result<(f32, Option<f32>), String> {
-        let o = self.step().map_err(|e| e.to_string())?;
-        Ok((o.loss().unwrap_or(f32::NAN), o.metric("grad_norm")))
-    }
-
-    fn state(&self) -> Result<Tensors, String> {
-        plan_state(self)
-    }
-
-    fn set_state(&mut self, name: &str, data: &[f32]) -> Result<(), String> {
-        self.put_param_f32(name, data)
-    }
-
-    fn first_nonfinite(&mut self) -> Result<Option<String>, String> {
-        if let Some(p) = nonfinite_param(self) {
-            return Ok(Some(p));
-        }
+plan_backend!(
+    CpuBackend,
+    /// The cpu backend reruns the step kernel by kernel and checks every kernel's results.
+    fn nonfinite_kernel(&mut self) -> Result<Option<String>, String> {
         let kernels: Vec<ir::Kernel> = self.graph().kernels.clone();
         let mut found: Option<String> = None;
         self.step_each(|k, cpu| {
@@ -239,7 +263,7 @@ impl StepBackend for CpuBackend {
         .map_err(|e| e.to_string())?;
         Ok(found)
     }
-}
+);
 
 fn describe(g: &ir::Graph, v: ValueId, kernel: &str, x: f32, i: usize) -> String {
     let n = g.node(v);
