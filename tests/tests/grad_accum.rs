@@ -4,6 +4,7 @@
 //! mean of the two micro-batch means is the mean over the batch; tiny.lora has no dropout). The optimized
 //! accumulating step also equals its unoptimized form in the interpreter.
 
+mod common;
 #[allow(dead_code)]
 #[path = "../../tunec/src/plan_source.rs"]
 mod plan_source;
@@ -11,9 +12,8 @@ mod plan_source;
 use codegen::build::BuildOptions;
 use ir::interp::{run, Env, Precision, Tensor, Value};
 use ir::plan::Plan;
-use ir::{Init, OutputKind, Role};
+use ir::{OutputKind, Role};
 use runtime::train::{metrics, train, Batch, DataSource, StepBackend, TrainOptions};
-use runtime::CpuBackend;
 use tests::{rel_err, repo_root};
 
 /// tiny.lora.rs with its `Train { ... }` replaced by `train`, compiled.
@@ -68,24 +68,6 @@ impl DataSource for Rows {
     }
 }
 
-fn backend(plan: &Plan) -> CpuBackend {
-    let mut be = CpuBackend::new(plan, 2).expect("backend");
-    for p in &plan.params {
-        if matches!(p.init, Init::Load) {
-            let n: usize = p.shape.iter().product();
-            let s = ir::init::param_seed(5, &p.name);
-            let v: Vec<f32> = if p.name.contains("norm") {
-                vec![1.0; n]
-            } else {
-                (0..n).map(|i| 0.2 * (2.0 * ir::rng::uniform(s, 1, i as u64) - 1.0)).collect()
-            };
-            be.set_param_f32(&p.name, &v).unwrap();
-        }
-    }
-    be.init_params(plan.train.seed).unwrap();
-    be
-}
-
 fn options(out: &std::path::Path) -> TrainOptions {
     TrainOptions {
         out: out.to_path_buf(),
@@ -118,10 +100,10 @@ fn two_accumulated_micro_batches_train_as_one_batch_of_two() {
     let vocab = pa.model_config.iter().find(|(k, _)| k == "vocab").unwrap().1.parse().unwrap();
 
     let (oa, ob) = (dir.path().join("a"), dir.path().join("b"));
-    let mut ba = backend(&pa);
+    let mut ba = common::seeded_cpu_backend(&pa);
     let mut da = Rows { rows: 1, t: 8, vocab, next: 0 };
     let sa = train(&pa, &mut ba, &mut da, &options(&oa)).unwrap();
-    let mut bb = backend(&pb);
+    let mut bb = common::seeded_cpu_backend(&pb);
     let mut db = Rows { rows: 2, t: 8, vocab, next: 0 };
     let sb = train(&pb, &mut bb, &mut db, &options(&ob)).unwrap();
     assert_eq!((da.next, db.next), (6, 6), "both read six rows");
@@ -141,7 +123,7 @@ fn two_accumulated_micro_batches_train_as_one_batch_of_two() {
     let accs: Vec<_> = state_a.iter().filter(|(n, _, _)| n.ends_with(".grad_acc")).collect();
     assert_eq!(accs.len() * 4, state_a.len(), "one accumulator per trainable parameter");
     assert!(accs.iter().all(|(_, _, d)| d.iter().all(|&x| x == 0.0)));
-    let init_b = backend(&pb).state().unwrap();
+    let init_b = common::seeded_cpu_backend(&pb).state().unwrap();
     assert!(init_b.iter().zip(&state_b).any(|(a, b)| a.2 != b.2), "training changed nothing");
 
     // One metrics line per optimizer step: the mean loss and the norm of the mean gradient agree.

@@ -3,15 +3,14 @@
 //! a non-finite loss stops the run naming the step and the first offending tensor; the loss of a repeated batch falls;
 //! the outputs (metrics.jsonl, loss.svg, the PEFT adapter, checkpoints) are written.
 
+mod common;
 #[allow(dead_code)]
 #[path = "../../tunec/src/plan_source.rs"]
 mod plan_source;
 
 use codegen::build::BuildOptions;
 use ir::plan::Plan;
-use ir::Init;
 use runtime::train::{train, Batch, DataSource, StepBackend, TrainOptions};
-use runtime::CpuBackend;
 use tests::compile_example;
 
 fn plan(example: &str) -> Plan {
@@ -66,24 +65,6 @@ impl DataSource for Synthetic {
     }
 }
 
-fn backend(plan: &Plan) -> CpuBackend {
-    let mut be = CpuBackend::new(plan, 2).expect("backend");
-    for p in &plan.params {
-        if matches!(p.init, Init::Load) {
-            let n: usize = p.shape.iter().product();
-            let s = ir::init::param_seed(5, &p.name);
-            let v: Vec<f32> = if p.name.contains("norm") {
-                vec![1.0; n]
-            } else {
-                (0..n).map(|i| 0.2 * (2.0 * ir::rng::uniform(s, 1, i as u64) - 1.0)).collect()
-            };
-            be.set_param_f32(&p.name, &v).unwrap();
-        }
-    }
-    be.init_params(plan.train.seed).unwrap();
-    be
-}
-
 fn data(plan: &Plan, repeat: bool) -> Synthetic {
     let vocab = plan.model_config.iter().find(|(k, _)| k == "vocab").unwrap().1.parse().unwrap();
     Synthetic { b: plan.train.micro_batch as usize, t: plan.train.seq_len as usize, vocab, next: 0, repeat }
@@ -110,16 +91,16 @@ fn a_resumed_run_ends_with_the_adapter_of_an_uninterrupted_run() {
     let plan = plan("tiny.lora.rs");
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
 
-    let mut be = backend(&plan);
+    let mut be = common::seeded_cpu_backend(&plan);
     let whole = train(&plan, &mut be, &mut data(&plan, false), &options(a.path(), 7)).unwrap();
     let want = be.state().unwrap();
 
     // Stopped after 3 steps (a checkpoint at step 2 and at the stop), then a fresh process state resumes.
-    let mut be = backend(&plan);
+    let mut be = common::seeded_cpu_backend(&plan);
     let mut o = options(b.path(), 7);
     o.stop_after = Some(3);
     train(&plan, &mut be, &mut data(&plan, false), &o).unwrap();
-    let mut be = backend(&plan);
+    let mut be = common::seeded_cpu_backend(&plan);
     o.stop_after = None;
     o.resume = true;
     let resumed = train(&plan, &mut be, &mut data(&plan, false), &o).unwrap();
@@ -155,7 +136,7 @@ fn a_resumed_run_ends_with_the_adapter_of_an_uninterrupted_run() {
 fn a_non_finite_loss_stops_the_run_naming_the_first_offending_tensor() {
     let plan = plan("tiny.lora.rs");
     let out = tempfile::tempdir().unwrap();
-    let mut be = backend(&plan);
+    let mut be = common::seeded_cpu_backend(&plan);
     let name = "model.layers.1.mlp.up_proj.weight";
     let p = plan.params.iter().find(|p| p.name == name).unwrap();
     let mut w = vec![0.01f32; p.shape.iter().product()];
@@ -172,7 +153,7 @@ fn a_non_finite_loss_stops_the_run_naming_the_first_offending_tensor() {
 fn the_loss_of_a_repeated_batch_falls() {
     let plan = plan("tiny.lora.rs");
     let out = tempfile::tempdir().unwrap();
-    let mut be = backend(&plan);
+    let mut be = common::seeded_cpu_backend(&plan);
     let mut o = options(out.path(), 30);
     o.lr = 2e-2;
     let s = train(&plan, &mut be, &mut data(&plan, true), &o).unwrap();
