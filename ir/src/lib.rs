@@ -14,6 +14,7 @@ pub mod plan;
 pub mod rng;
 pub mod text;
 pub mod types;
+pub mod untrusted;
 pub mod verify;
 
 pub use attr::{AttnArg, Init, Role};
