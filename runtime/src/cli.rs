@@ -127,6 +127,22 @@ fn load_weights(set: &mut SetParam<'_>, plan: &Plan, args: &RunArgs, seed: u64) 
         (_, true) => None,
         (None, false) => return Err("error: give --model <dir> (an HF model directory) or --random-weights".into()),
     };
+    // The plan's model config (the recipe's `llama(LlamaConfig { .. })`) must be the model's: a different
+    // rope_theta or norm eps would train silently on the wrong function.
+    if let Some(m) = &model {
+        let diffs = m.config.plan_mismatches(&plan.model_config);
+        if !diffs.is_empty() {
+            return Err(format!(
+                "error: --model: {} does not match the model config the plan was compiled with ({} \
+                 difference{}):\n  {}\nrecompile the recipe with the model's values (the fields of its \
+                 `LlamaConfig {{ .. }}` from config.json), or give --model the model the recipe was written for",
+                m.dir.join("config.json").display(),
+                diffs.len(),
+                if diffs.len() == 1 { "" } else { "s" },
+                diffs.join("\n  ")
+            ));
+        }
+    }
     for p in plan.params.iter().filter(|p| matches!(p.init, Init::Load)) {
         let n: usize = p.shape.iter().product();
         let data = match &model {
@@ -137,7 +153,7 @@ fn load_weights(set: &mut SetParam<'_>, plan: &Plan, args: &RunArgs, seed: u64) 
                         "error: {}: tensor `{}` is {:?} but the recipe expects {:?} (does the recipe match the model's \
                          config.json?)",
                         m.weights_path().display(),
-                        p.name,
+                        ir::untrusted::show(&p.name),
                         t.shape,
                         p.shape
                     ));

@@ -8,11 +8,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use ir::untrusted::show;
 use serde_json::Value;
 
 use super::model_dir::ModelDir;
 use super::safetensors_io::{is_float_dtype, pt_metadata, write_safetensors, F32View, SafeTensorsFile};
-use super::{read_json, write_json, Tensor, WeightsError};
+use super::{read_capped, read_json, write_file_atomic, write_json, Tensor, WeightsError, MAX_JSON_BYTES};
 
 /// The prefix PEFT puts before a module path in a causal LM's adapter.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -55,13 +56,13 @@ impl LoraAdapter {
         let str_field = |k: &str| c.get(k).and_then(Value::as_str);
         let bool_field = |k: &str| c.get(k).and_then(Value::as_bool).unwrap_or(false);
         if let Some(t) = str_field("peft_type").filter(|t| *t != "LORA") {
-            return unsupported(format!("peft_type \"{t}\": tunec applies LORA adapters (LoRA, rsLoRA, DoRA)"));
+            return unsupported(format!("peft_type \"{}\": tunec applies LORA adapters (LoRA, rsLoRA, DoRA)", show(t)));
         }
         if bool_field("fan_in_fan_out") {
             return unsupported("fan_in_fan_out = true (Conv1D-style weights) is not supported".into());
         }
         if let Some(b) = str_field("bias").filter(|b| *b != "none") {
-            return unsupported(format!("bias \"{b}\": only adapters without bias terms are supported"));
+            return unsupported(format!("bias \"{}\": only adapters without bias terms are supported", show(b)));
         }
         if bool_field("lora_bias") {
             return unsupported("lora_bias = true is not supported".into());
@@ -92,7 +93,7 @@ impl LoraAdapter {
                 let expected = "`.lora_A.weight`, `.lora_B.weight` or `.lora_magnitude_vector`";
                 WeightsError::format(
                     &weights_path,
-                    format!("unexpected key `{key}` (expected `{PEFT_PREFIX}<module>` + {expected})"),
+                    format!("unexpected key `{}` (expected `{PEFT_PREFIX}<module>` + {expected})", show(key)),
                 )
             };
             let path = key.strip_prefix(PEFT_PREFIX).ok_or_else(bad)?;
@@ -130,7 +131,7 @@ impl LoraAdapter {
             let shape_err = |name: &str, t: &Tensor, expected: String| {
                 WeightsError::format(
                     &weights_path,
-                    format!("`{PEFT_PREFIX}{module}.{name}` has shape {:?}, expected {expected}", t.shape),
+                    format!("`{PEFT_PREFIX}{}.{name}` has shape {:?}, expected {expected}", show(&module), t.shape),
                 )
             };
             if a.shape.len() != 2 || a.shape[0] != r {
@@ -144,7 +145,8 @@ impl LoraAdapter {
                     return Err(WeightsError::format(
                         &weights_path,
                         format!(
-                            "`{PEFT_PREFIX}{module}.lora_magnitude_vector` has {} values, expected {}",
+                            "`{PEFT_PREFIX}{}.lora_magnitude_vector` has {} values, expected {}",
+                            show(&module),
                             m.len(),
                             b.shape[0]
                         ),
@@ -180,14 +182,24 @@ impl LoraAdapter {
             let Some(shape) = model.shape(&name) else {
                 return Err(WeightsError::format(
                     &weights,
-                    format!("adapter module `{module}` has no weight `{name}` in {}", model.dir.display()),
+                    format!(
+                        "adapter module `{}` has no weight `{}` in {}: was the adapter trained for another model?",
+                        show(module),
+                        show(&name),
+                        model.dir.display()
+                    ),
                 ));
             };
             let expected = [m.b.shape[0], m.a.shape[1]];
             if shape != expected {
                 return Err(WeightsError::format(
                     &weights,
-                    format!("adapter module `{module}` is [out, in] = {expected:?}, but `{name}` is {shape:?}"),
+                    format!(
+                        "adapter module `{}` is [out, in] = {expected:?}, but `{}` is {shape:?}: was the adapter \
+                         trained for another model?",
+                        show(module),
+                        show(&name)
+                    ),
                 ));
             }
         }
@@ -247,7 +259,7 @@ pub fn merge(model_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Result<Mer
         if !model.dtype(n).is_some_and(is_float_dtype) {
             return Err(WeightsError::unsupported(
                 &model.weights_path(),
-                format!("tensor `{n}` is {:?}; tunec reads F32, F16 and BF16 tensors", model.dtype(n)),
+                format!("tensor `{}` is {:?}; tunec reads F32, F16 and BF16 tensors", show(n), model.dtype(n)),
             ));
         }
     }
@@ -290,8 +302,11 @@ pub fn merge(model_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Result<Mer
     ] {
         let src = model_dir.join(name);
         if src.exists() {
+            // Read (a regular file of at most MAX_JSON_BYTES: a FIFO or device could block or never end) and
+            // written atomically.
+            let bytes = read_capped(&src, MAX_JSON_BYTES, "weights::MAX_JSON_BYTES")?;
             let dst = out_dir.join(name);
-            std::fs::copy(&src, &dst).map_err(|e| WeightsError::io(&dst, e))?;
+            write_file_atomic(&dst, &bytes)?;
             files.push(dst);
         }
     }

@@ -131,11 +131,14 @@ impl GgmlType {
         )
     }
 
-    /// Bytes holding `elements` values, or `None` when the layout is unknown or `elements` is not a whole number of
-    /// blocks.
+    /// Bytes holding `elements` values, or `None` when the layout is unknown, `elements` is not a whole number of
+    /// blocks or the byte count overflows.
     pub fn bytes_for(self, elements: usize) -> Option<usize> {
         let (block, bytes) = self.block_layout()?;
-        (elements % block == 0).then(|| elements / block * bytes)
+        if elements % block != 0 {
+            return None;
+        }
+        (elements / block).checked_mul(bytes)
     }
 }
 
@@ -152,7 +155,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Str
         return Err(format!("cannot dequantize type {ty} (supported: {SUPPORTED})"));
     }
     let (block, block_bytes) = ty.block_layout().expect("every dequantizable type has a layout");
-    if out.len() % block != 0 || bytes.len() != out.len() / block * block_bytes {
+    if out.len() % block != 0 || Some(bytes.len()) != (out.len() / block).checked_mul(block_bytes) {
         return Err(format!(
             "{ty}: {} bytes do not hold {} elements (blocks of {block} elements in {block_bytes} bytes)",
             bytes.len(),

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use ir::untrusted::show;
 use memmap2::Mmap;
 
 use super::dequant::{self, GgmlType};
@@ -15,6 +16,15 @@ use super::WeightsError;
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
 /// Alignment of the tensor data when `general.alignment` is absent.
 pub const DEFAULT_ALIGNMENT: u64 = 32;
+/// Most dimensions a tensor may have (ggml has 4; a larger count is a corrupt file).
+pub const MAX_DIMS: u32 = 8;
+/// Deepest nesting of metadata arrays (arrays of arrays of …) read; deeper is refused (it would only serve to
+/// exhaust the stack).
+pub const MAX_ARRAY_DEPTH: usize = 8;
+/// Most metadata values (array elements counted one by one) a file may hold: 2^24. A 256k-token vocabulary with
+/// its merges and token types is under 1M; the cap bounds the memory the metadata takes (each value takes ~32 bytes
+/// in memory for as little as one byte in the file).
+pub const MAX_METADATA_VALUES: u64 = 1 << 24;
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -113,8 +123,7 @@ impl GgufValue {
     pub fn describe(&self) -> String {
         match self {
             GgufValue::Array(a) => format!("array of {}", a.len()),
-            GgufValue::String(s) if s.len() > 60 => format!("{:?}…", s.chars().take(60).collect::<String>()),
-            GgufValue::String(s) => format!("{s:?}"),
+            GgufValue::String(s) => format!("\"{}\"", show(s)),
             other => format!("{other:?}"),
         }
     }
@@ -132,8 +141,9 @@ pub struct GgufTensorInfo {
 }
 
 impl GgufTensorInfo {
+    /// The element count (checked not to overflow when the file was opened).
     pub fn numel(&self) -> usize {
-        self.dims.iter().product::<u64>() as usize
+        checked_numel(&self.dims).unwrap_or(usize::MAX)
     }
 
     /// The shape in row-major (HF / PyTorch) order: the GGUF dims reversed.
@@ -167,17 +177,22 @@ impl std::fmt::Debug for GgufFile {
     }
 }
 
+/// The product of `dims` as a `usize`, `None` on overflow.
+fn checked_numel(dims: &[u64]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+}
+
 impl GgufFile {
-    /// Memory-maps and parses `path`.
+    /// Memory-maps and parses `path` (a regular file: a FIFO or device is refused).
     pub fn open(path: &Path) -> Result<Self, WeightsError> {
-        let file = std::fs::File::open(path).map_err(|e| WeightsError::io(path, e))?;
+        let (file, _) = super::open_regular(path)?;
         // SAFETY: the map is read-only; the file is not expected to change while it is open (as for any model file).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| WeightsError::io(path, e))?;
         Self::parse(path, map)
     }
 
     fn parse(path: &Path, map: Mmap) -> Result<Self, WeightsError> {
-        let mut r = Reader { bytes: &map, pos: 0, path };
+        let mut r = Reader { bytes: &map, pos: 0, path, values: 0 };
         let magic = r.take(4)?;
         if magic != GGUF_MAGIC {
             return Err(WeightsError::format(path, format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")")));
@@ -199,25 +214,50 @@ impl GgufFile {
         }
         let n_tensors = r.u64()?;
         let n_kv = r.u64()?;
+        // Each metadata entry takes at least 13 bytes (key length, type, a one-byte value), each tensor info 24
+        // (name length, n_dims, type, offset): larger counts cannot fit in the file.
+        r.check_count(n_kv, 13, "metadata entries (header field n_kv at byte 16)")?;
+        r.check_count(n_tensors, 24, "tensors (header field n_tensors at byte 8)")?;
         let mut metadata = Vec::new();
         let mut index = BTreeMap::new();
         for i in 0..n_kv {
-            let key = r.string().map_err(|e| context(e, path, &format!("metadata entry {i}")))?;
-            let ty = r.u32()?;
-            let value = r.value(ty).map_err(|e| context(e, path, &format!("metadata `{key}`")))?;
-            index.insert(key.clone(), metadata.len());
+            let at = r.pos;
+            let key = r.string().map_err(|e| context(e, path, &format!("metadata entry {i} (at byte {at})")))?;
+            let ty = r.u32().map_err(|e| context(e, path, &format!("metadata `{}`", show(&key))))?;
+            let value = r.value(ty, 0).map_err(|e| context(e, path, &format!("metadata `{}`", show(&key))))?;
+            if index.insert(key.clone(), metadata.len()).is_some() {
+                return Err(WeightsError::format(
+                    path,
+                    format!("metadata key `{}` appears twice (again as entry {i}, at byte {at})", show(&key)),
+                ));
+            }
             metadata.push((key, value));
         }
         let mut tensors = Vec::new();
+        let mut names = std::collections::HashSet::new();
         for i in 0..n_tensors {
-            let name = r.string().map_err(|e| context(e, path, &format!("tensor info {i}")))?;
-            let n_dims = r.u32()?;
-            if n_dims > 8 {
-                return Err(WeightsError::format(path, format!("tensor `{name}` has {n_dims} dimensions")));
+            let at = r.pos;
+            let name = r.string().map_err(|e| context(e, path, &format!("tensor info {i} (at byte {at})")))?;
+            let what = || format!("tensor info {i} `{}`", show(&name));
+            let n_dims = r.u32().map_err(|e| context(e, path, &what()))?;
+            if n_dims > MAX_DIMS {
+                return Err(WeightsError::format(
+                    path,
+                    format!("{}: {n_dims} dimensions (at most {MAX_DIMS}): a corrupt file", what()),
+                ));
             }
-            let dims = (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
-            let ty = GgmlType(r.u32()?);
-            let offset = r.u64()?;
+            let dims = (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>, _>>().map_err(|e| context(e, path, &what()))?;
+            if checked_numel(&dims).is_none() {
+                return Err(WeightsError::format(
+                    path,
+                    format!("{}: dims {dims:?} multiply to more elements than fit in memory: a corrupt file", what()),
+                ));
+            }
+            let ty = GgmlType(r.u32().map_err(|e| context(e, path, &what()))?);
+            let offset = r.u64().map_err(|e| context(e, path, &what()))?;
+            if !names.insert(name.clone()) {
+                return Err(WeightsError::format(path, format!("{}: a second tensor of that name", what())));
+            }
             tensors.push(GgufTensorInfo { name, dims, ty, offset });
         }
         let alignment = match index.get("general.alignment") {
@@ -228,7 +268,9 @@ impl GgufFile {
                 .ok_or_else(|| WeightsError::format(path, "general.alignment is not a power of two"))?,
             None => DEFAULT_ALIGNMENT,
         };
-        let data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
+        let data_offset = (r.pos as u64).checked_next_multiple_of(alignment).ok_or_else(|| {
+            WeightsError::format(path, format!("general.alignment {alignment} puts the tensor data past any file"))
+        })?;
         let file =
             GgufFile { path: path.to_path_buf(), map, version, metadata, index, tensors, alignment, data_offset };
         for t in &file.tensors {
@@ -244,28 +286,49 @@ impl GgufFile {
                 &self.path,
                 format!(
                     "tensor `{}` starts at offset {}, not a multiple of the alignment {}",
-                    t.name, t.offset, self.alignment
+                    show(&t.name),
+                    t.offset,
+                    self.alignment
                 ),
             ));
         }
         if let Some((block, _)) = t.ty.block_layout() {
-            let inner = t.dims.first().copied().unwrap_or(1) as usize;
-            let Some(bytes) = t.ty.bytes_for(t.numel()).filter(|_| inner % block == 0) else {
+            let inner = t.dims.first().copied().unwrap_or(1);
+            if inner % block as u64 != 0 {
                 return Err(WeightsError::format(
                     &self.path,
                     format!(
-                        "tensor `{}` ({}, dims {:?}): the rows are not whole blocks of {block}",
-                        t.name, t.ty, t.dims
+                        "tensor `{}` ({}, dims {:?}): rows of {inner} elements are not whole blocks of {block}",
+                        show(&t.name),
+                        t.ty,
+                        t.dims
+                    ),
+                ));
+            }
+            let Some(bytes) = t.ty.bytes_for(t.numel()) else {
+                return Err(WeightsError::format(
+                    &self.path,
+                    format!(
+                        "tensor `{}` ({}, dims {:?}): {} elements take more bytes than fit in memory",
+                        show(&t.name),
+                        t.ty,
+                        t.dims,
+                        t.numel()
                     ),
                 ));
             };
-            let end = self.data_offset + t.offset + bytes as u64;
-            if end > self.map.len() as u64 {
+            let end = self.data_offset.checked_add(t.offset).and_then(|e| e.checked_add(bytes as u64));
+            if end.is_none_or(|end| end > self.map.len() as u64) {
+                let end = end.map_or("past 2^64".to_string(), |e| e.to_string());
                 return Err(WeightsError::format(
                     &self.path,
                     format!(
-                        "tensor `{}` ends at byte {end}, past the end of the file ({} bytes): truncated file?",
-                        t.name,
+                        "tensor `{}` ({}, dims {:?}, {bytes} bytes at data offset {}) ends at byte {end}, past the \
+                         end of the file ({} bytes): truncated file?",
+                        show(&t.name),
+                        t.ty,
+                        t.dims,
+                        t.offset,
                         self.map.len()
                     ),
                 ));
@@ -284,27 +347,30 @@ impl GgufFile {
 
     /// A required metadata value.
     pub fn require(&self, key: &str) -> Result<&GgufValue, WeightsError> {
-        self.get(key).ok_or_else(|| WeightsError::format(&self.path, format!("missing metadata `{key}`")))
+        self.get(key).ok_or_else(|| WeightsError::format(&self.path, format!("missing metadata `{}`", show(key))))
     }
 
     pub fn get_u64(&self, key: &str) -> Result<u64, WeightsError> {
         let v = self.require(key)?;
         v.as_u64().ok_or_else(|| {
-            WeightsError::format(&self.path, format!("metadata `{key}` is {}, not an unsigned integer", v.describe()))
+            WeightsError::format(
+                &self.path,
+                format!("metadata `{}` is {}, not an unsigned integer", show(key), v.describe()),
+            )
         })
     }
 
     pub fn get_f64(&self, key: &str) -> Result<f64, WeightsError> {
         let v = self.require(key)?;
         v.as_f64().ok_or_else(|| {
-            WeightsError::format(&self.path, format!("metadata `{key}` is {}, not a number", v.describe()))
+            WeightsError::format(&self.path, format!("metadata `{}` is {}, not a number", show(key), v.describe()))
         })
     }
 
     pub fn get_str(&self, key: &str) -> Result<&str, WeightsError> {
         let v = self.require(key)?;
         v.as_str().ok_or_else(|| {
-            WeightsError::format(&self.path, format!("metadata `{key}` is {}, not a string", v.describe()))
+            WeightsError::format(&self.path, format!("metadata `{}` is {}, not a string", show(key), v.describe()))
         })
     }
 
@@ -312,7 +378,10 @@ impl GgufFile {
     pub fn get_strings(&self, key: &str) -> Result<Vec<&str>, WeightsError> {
         let v = self.require(key)?;
         let bad = || {
-            WeightsError::format(&self.path, format!("metadata `{key}` is {}, not an array of strings", v.describe()))
+            WeightsError::format(
+                &self.path,
+                format!("metadata `{}` is {}, not an array of strings", show(key), v.describe()),
+            )
         };
         v.as_array().ok_or_else(bad)?.iter().map(|x| x.as_str().ok_or_else(bad)).collect()
     }
@@ -324,8 +393,13 @@ impl GgufFile {
     /// The raw bytes of a tensor (its type's layout must be known).
     pub fn tensor_bytes(&self, t: &GgufTensorInfo) -> Result<&[u8], WeightsError> {
         let len = t.ty.bytes_for(t.numel()).ok_or_else(|| self.unsupported(t))?;
-        let start = (self.data_offset + t.offset) as usize;
-        Ok(&self.map[start..start + len])
+        let start = self.data_offset.checked_add(t.offset).and_then(|s| usize::try_from(s).ok());
+        start.and_then(|s| self.map.get(s..s.checked_add(len)?)).ok_or_else(|| {
+            WeightsError::format(
+                &self.path,
+                format!("tensor `{}`: its {len} bytes at data offset {} lie past the end of the file", show(&t.name), t.offset),
+            )
+        })
     }
 
     /// A tensor dequantized to f32, in GGUF's element order (row-major over the reversed dims, see
@@ -337,7 +411,7 @@ impl GgufFile {
         let bytes = self.tensor_bytes(t)?;
         let mut out = vec![0f32; t.numel()];
         dequant::dequantize(t.ty, bytes, &mut out)
-            .map_err(|m| WeightsError::format(&self.path, format!("tensor `{}`: {m}", t.name)))?;
+            .map_err(|m| WeightsError::format(&self.path, format!("tensor `{}`: {m}", show(&t.name))))?;
         Ok(out)
     }
 
@@ -358,6 +432,8 @@ struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Metadata values read so far (array elements included), against [`MAX_METADATA_VALUES`].
+    values: u64,
 }
 
 impl<'a> Reader<'a> {
@@ -377,6 +453,26 @@ impl<'a> Reader<'a> {
         Ok(self.take(N)?.try_into().expect("take returns N bytes"))
     }
 
+    fn remaining(&self) -> u64 {
+        (self.bytes.len() - self.pos) as u64
+    }
+
+    /// Refuses `n` items of at least `min_bytes` each when they cannot fit in the rest of the file.
+    fn check_count(&self, n: u64, min_bytes: u64, what: &str) -> Result<(), WeightsError> {
+        if n.checked_mul(min_bytes).is_none_or(|need| need > self.remaining()) {
+            return Err(WeightsError::format(
+                self.path,
+                format!(
+                    "{n} {what}, of at least {min_bytes} bytes each, cannot fit in the {} bytes left after byte {}: a \
+                     corrupt or truncated file",
+                    self.remaining(),
+                    self.pos
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn u32(&mut self) -> Result<u32, WeightsError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
@@ -390,14 +486,38 @@ impl<'a> Reader<'a> {
         let len = usize::try_from(len).ok().filter(|&l| l <= self.bytes.len()).ok_or_else(|| {
             WeightsError::format(
                 self.path,
-                format!("string length {len} at byte {} is larger than the file", self.pos - 8),
+                format!("string length {len} at byte {} is larger than the file: a corrupt file", self.pos - 8),
             )
         })?;
         let bytes = self.take(len)?;
         Ok(String::from_utf8_lossy(bytes).into_owned())
     }
 
-    fn value(&mut self, ty: u32) -> Result<GgufValue, WeightsError> {
+    /// The smallest encoding of a value of type `ty` in the file (a string: its 8-byte length; an array: its element
+    /// type and count).
+    fn min_size(ty: u32) -> u64 {
+        match ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            8 | 10..=12 => 8,
+            9 => 12,
+            _ => 1,
+        }
+    }
+
+    fn value(&mut self, ty: u32, depth: usize) -> Result<GgufValue, WeightsError> {
+        self.values += 1;
+        if self.values > MAX_METADATA_VALUES {
+            return Err(WeightsError::format(
+                self.path,
+                format!(
+                    "more than {MAX_METADATA_VALUES} metadata values (gguf::MAX_METADATA_VALUES) at byte {}: tunec \
+                     refuses files with this much metadata",
+                    self.pos
+                ),
+            ));
+        }
         Ok(match ty {
             0 => GgufValue::U8(self.array::<1>()?[0]),
             1 => GgufValue::I8(self.array::<1>()?[0] as i8),
@@ -414,18 +534,35 @@ impl<'a> Reader<'a> {
             8 => GgufValue::String(self.string()?),
             9 => {
                 // Nested arrays (elem 9) are legal GGUF: each inner array carries its own element type.
-                let elem = self.u32()?;
-                let n = self.u64()?;
-                // Every element takes at least one byte: a larger count means a corrupt file, not a huge allocation.
-                if n > (self.bytes.len() - self.pos) as u64 {
+                if depth >= MAX_ARRAY_DEPTH {
                     return Err(WeightsError::format(
                         self.path,
-                        format!("array of {n} elements at byte {} is larger than the file", self.pos),
+                        format!(
+                            "arrays nested more than {MAX_ARRAY_DEPTH} deep (gguf::MAX_ARRAY_DEPTH) at byte {}",
+                            self.pos
+                        ),
+                    ));
+                }
+                let elem = self.u32()?;
+                let n = self.u64()?;
+                // Every element takes at least `min_size` bytes: a larger count means a corrupt file, and nothing
+                // is allocated before that check.
+                if !(0..=12).contains(&elem) {
+                    return Err(WeightsError::format(
+                        self.path,
+                        format!("array at byte {} has unknown element type {elem}", self.pos - 12),
+                    ));
+                }
+                self.check_count(n, Self::min_size(elem), "array elements")?;
+                if n > MAX_METADATA_VALUES {
+                    return Err(WeightsError::format(
+                        self.path,
+                        format!("array of {n} elements: more than the {MAX_METADATA_VALUES} tunec reads"),
                     ));
                 }
                 let mut items = Vec::with_capacity(n as usize);
                 for _ in 0..n {
-                    items.push(self.value(elem)?);
+                    items.push(self.value(elem, depth + 1)?);
                 }
                 GgufValue::Array(items)
             }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use ir::untrusted::show;
 use serde_json::json;
 
 use super::config::LlamaConfig;
@@ -38,23 +39,29 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig, WeightsError> {
     if arch != "llama" {
         return Err(WeightsError::unsupported(
             path,
-            format!("general.architecture \"{arch}\": tunec imports Llama models (\"llama\")"),
+            format!("general.architecture \"{}\": tunec imports Llama models (\"llama\")", show(arch)),
         ));
     }
     let key = |k: &str| format!("{arch}.{k}");
     let opt_u64 = |k: &str| g.get(&key(k)).and_then(|v| v.as_u64());
-    let hidden = g.get_u64(&key("embedding_length"))? as usize;
-    let heads = g.get_u64(&key("attention.head_count"))? as usize;
-    let kv_heads = opt_u64("attention.head_count_kv").unwrap_or(heads as u64) as usize;
+    let size = |k: &str, v: u64| {
+        usize::try_from(v).map_err(|_| WeightsError::format(path, format!("metadata `{}` = {v} is too large", key(k))))
+    };
+    let hidden = size("embedding_length", g.get_u64(&key("embedding_length"))?)?;
+    let heads = size("attention.head_count", g.get_u64(&key("attention.head_count"))?)?;
+    let kv_heads = size("attention.head_count_kv", opt_u64("attention.head_count_kv").unwrap_or(heads as u64))?;
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
         return Err(WeightsError::format(
             path,
             format!("{heads} attention heads are not a multiple of {kv_heads} key/value heads"),
         ));
     }
-    let head_dim = opt_u64("attention.key_length").map_or(hidden / heads, |v| v as usize);
+    let head_dim = match opt_u64("attention.key_length") {
+        Some(v) => size("attention.key_length", v)?,
+        None => hidden / heads,
+    };
     if let Some(rot) = opt_u64("rope.dimension_count") {
-        if rot as usize != head_dim {
+        if rot != head_dim as u64 {
             return Err(WeightsError::unsupported(
                 path,
                 format!("RoPE over {rot} of {head_dim} head dimensions (partial rotary) is not supported"),
@@ -65,33 +72,35 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig, WeightsError> {
         if scaling != "none" {
             return Err(WeightsError::unsupported(
                 path,
-                format!("RoPE scaling \"{scaling}\" ({arch}.rope.scaling.type) is not supported"),
+                format!("RoPE scaling \"{}\" ({arch}.rope.scaling.type) is not supported", show(scaling)),
             ));
         }
     }
     let vocab_size = match opt_u64("vocab_size") {
-        Some(v) => v as usize,
+        Some(v) => size("vocab_size", v)?,
         None => g.get_strings("tokenizer.ggml.tokens")?.len(),
     };
-    let token_id = |k: &str| g.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
-    Ok(LlamaConfig {
+    let token_id = |k: &str| g.get(k).and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok());
+    let config = LlamaConfig {
         hidden_size: hidden,
-        intermediate_size: g.get_u64(&key("feed_forward_length"))? as usize,
-        num_hidden_layers: g.get_u64(&key("block_count"))? as usize,
+        intermediate_size: size("feed_forward_length", g.get_u64(&key("feed_forward_length"))?)?,
+        num_hidden_layers: size("block_count", g.get_u64(&key("block_count"))?)?,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
         rms_norm_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
         rope_theta: g.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0),
         vocab_size,
-        max_position_embeddings: opt_u64("context_length").unwrap_or(2048) as usize,
+        max_position_embeddings: opt_u64("context_length").and_then(|v| usize::try_from(v).ok()).unwrap_or(2048),
         tie_word_embeddings: g.tensor_info("output.weight").is_none(),
         bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: token_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
         pad_token_id: token_id("tokenizer.ggml.padding_token_id"),
         hidden_act: "silu".into(),
         rope_scaling: None,
-    })
+    };
+    config.validate(path)?;
+    Ok(config)
 }
 
 /// Every HF tensor a Llama model with `c` has, with its shape.
@@ -140,12 +149,12 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportReport, WeightsError
             ));
         }
         let name = hf_name(&t.name).ok_or_else(|| {
-            WeightsError::unsupported(gguf, format!("tensor `{}` has no Hugging Face Llama counterpart", t.name))
+            WeightsError::unsupported(gguf, format!("tensor `{}` has no Hugging Face Llama counterpart", show(&t.name)))
         })?;
         let Some(shape) = expected.get(&name) else {
             return Err(WeightsError::unsupported(
                 gguf,
-                format!("tensor `{}` ({name}) is not part of a Llama model with this config", t.name),
+                format!("tensor `{}` ({name}) is not part of a Llama model with this config", show(&t.name)),
             ));
         };
         if &t.shape() != shape {
@@ -232,7 +241,7 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportReport, WeightsError
         if loaded.token_to_id(text) != Some(*id) {
             return Err(WeightsError::format(
                 &tokenizer_path,
-                format!("special token {text:?} is not id {id} in the rebuilt tokenizer"),
+                format!("special token \"{}\" is not id {id} in the rebuilt tokenizer", show(text)),
             ));
         }
     }

@@ -27,6 +27,8 @@ pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
+use ir::untrusted::show;
+
 pub use adapter::{merge, LoraAdapter, LoraModule};
 pub use config::LlamaConfig;
 pub use gguf::{GgufFile, GgufValue};
@@ -52,7 +54,9 @@ impl Tensor {
     }
 }
 
-/// What can go wrong reading or writing weights, configs, tokenizers and adapters. Every message names the file.
+/// What can go wrong reading or writing weights, configs, tokenizers and adapters. Every message names the file;
+/// every string taken from a file (tensor names, keys, values) goes through [`ir::untrusted::show`] (escaped,
+/// capped), here in the `Display` of the variants that hold one and at construction for `Format`/`Unsupported`.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     #[error("{}: {source}", path.display())]
@@ -64,16 +68,17 @@ pub enum WeightsError {
     /// The file's content is not what its format says it should be.
     #[error("{}: {message}", path.display())]
     Format { path: PathBuf, message: String },
-    #[error("{}: missing tensor `{name}`", path.display())]
+    #[error("{}: missing tensor `{}`", path.display(), show(name))]
     MissingTensor { path: PathBuf, name: String },
     #[error(
-        "{}: tensor `{tensor}` has GGUF type {ty}, which tunec cannot dequantize (supported: {})",
+        "{}: tensor `{}` has GGUF type {ty}, which tunec cannot dequantize (supported: {})",
         path.display(),
+        show(tensor),
         dequant::SUPPORTED
     )]
     UnsupportedType { path: PathBuf, tensor: String, ty: String },
     /// A tensor whose shape is not the one the config implies.
-    #[error("{}: tensor `{name}` has shape {found:?}, expected {expected:?}", path.display())]
+    #[error("{}: tensor `{}` has shape {found:?}, expected {expected:?}", path.display(), show(name))]
     Shape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
     /// Something the model, tokenizer or adapter asks for that tunec does not support.
     #[error("{}: {message}", path.display())]
@@ -104,9 +109,59 @@ pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), Weights
     Ok(())
 }
 
-/// Reads a JSON file into a value, naming the file in errors.
-pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value, WeightsError> {
-    let text = std::fs::read_to_string(path).map_err(|e| WeightsError::io(path, e))?;
+/// The largest JSON file (`config.json`, `tokenizer.json`, `tokenizer_config.json`, `adapter_config.json`,
+/// `model.safetensors.index.json`, …) or chat template tunec reads: 64 MiB. Real ones are a few MiB at most
+/// (`tokenizer.json` of a 256k-token vocabulary is ~20 MiB).
+pub const MAX_JSON_BYTES: u64 = 64 << 20;
+
+/// Opens `path` for reading if it is a regular file (after following symlinks). A FIFO, a device such as
+/// `/dev/zero`, a socket or a directory is refused before it is opened, so that a model path can neither block
+/// `open` nor be read without end. Returns the file and its length.
+pub(crate) fn open_regular(path: &Path) -> Result<(std::fs::File, u64), WeightsError> {
+    let meta = std::fs::metadata(path).map_err(|e| WeightsError::io(path, e))?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() { "a directory" } else { "not a regular file (a device, FIFO or socket)" };
+        return Err(WeightsError::format(path, format!("{kind}; expected a regular file")));
+    }
+    let file = std::fs::File::open(path).map_err(|e| WeightsError::io(path, e))?;
+    // The path may have been swapped between the two calls: check what was opened.
+    let meta = file.metadata().map_err(|e| WeightsError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(WeightsError::format(path, "not a regular file; expected a regular file"));
+    }
+    Ok((file, meta.len()))
+}
+
+/// Reads a regular file of at most `max` bytes (`what` names the limit's constant in the message).
+pub(crate) fn read_capped(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, WeightsError> {
+    use std::io::Read;
+    let (file, len) = open_regular(path)?;
+    if len > max {
+        return Err(WeightsError::format(
+            path,
+            format!("the file is {len} bytes, larger than the {max} bytes tunec reads ({what})"),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    // `take` bounds the read even if the file grows after the size check.
+    file.take(max + 1).read_to_end(&mut bytes).map_err(|e| WeightsError::io(path, e))?;
+    if bytes.len() as u64 > max {
+        return Err(WeightsError::format(path, format!("the file grew past the {max} bytes tunec reads ({what})")));
+    }
+    Ok(bytes)
+}
+
+/// Reads a UTF-8 text file of at most [`MAX_JSON_BYTES`].
+pub(crate) fn read_text(path: &Path) -> Result<String, WeightsError> {
+    let bytes = read_capped(path, MAX_JSON_BYTES, "weights::MAX_JSON_BYTES")?;
+    String::from_utf8(bytes).map_err(|e| {
+        WeightsError::format(path, format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))
+    })
+}
+
+/// Reads a JSON file (at most [`MAX_JSON_BYTES`], a regular file) into a value, naming the file in errors.
+pub fn read_json(path: &Path) -> Result<serde_json::Value, WeightsError> {
+    let text = read_text(path)?;
     serde_json::from_str(&text).map_err(|e| WeightsError::format(path, format!("invalid JSON: {e}")))
 }
 

@@ -2,7 +2,9 @@
 //! `model.safetensors.index.json`, and (optional) `tokenizer.json` / `tokenizer_config.json`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+
+use ir::untrusted::show;
 
 use super::config::LlamaConfig;
 use super::import::expected_tensors;
@@ -56,12 +58,52 @@ impl ModelDir {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| WeightsError::format(&index_path, "no `weight_map` object"))?;
-            let mut files: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            let mut files: Vec<&str> = Vec::new();
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    WeightsError::format(
+                        &index_path,
+                        format!("weight_map: tensor `{}` maps to {}, not a file name", show(tensor), show(&file.to_string())),
+                    )
+                })?;
+                // A shard is a plain file of the model directory: no path separators, no `..`, not absolute, so
+                // that an index can name nothing outside the directory.
+                let mut parts = Path::new(file).components();
+                let plain = matches!((parts.next(), parts.next()), (Some(Component::Normal(_)), None))
+                    && !file.contains(['/', '\\'])
+                    && file.len() <= 255
+                    && !file.chars().any(char::is_control);
+                if !plain {
+                    return Err(WeightsError::format(
+                        &index_path,
+                        format!(
+                            "weight_map: tensor `{}` is in \"{}\", which is not a file name in the model directory \
+                             (shards must be plain file names of at most 255 bytes without control characters, \
+                             such as model-00001-of-00002.safetensors)",
+                            show(tensor),
+                            show(file)
+                        ),
+                    ));
+                }
+                files.push(file);
+            }
             files.sort();
             files.dedup();
             for file in files {
                 let f = SafeTensorsFile::open(&dir.join(file))?;
                 for n in f.names() {
+                    if let Some(&other) = index.get(n) {
+                        let other: &SafeTensorsFile = &shards[other];
+                        return Err(WeightsError::format(
+                            &index_path,
+                            format!(
+                                "tensor `{}` is in two shards: {} and {}",
+                                show(n),
+                                other.path().display(),
+                                f.path().display()
+                            ),
+                        ));
+                    }
                     index.insert(n.clone(), shards.len());
                 }
                 shards.push(f);

@@ -6,10 +6,126 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use ir::untrusted::show;
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors, TensorInfo, View};
 
 use super::{Tensor, WeightsError};
+
+/// The largest safetensors header (the JSON after the 8-byte length) tunec reads: 100 MB, the safetensors crate's
+/// own limit.
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Checks the layout of a safetensors file before the safetensors crate reads it, so that every problem is reported
+/// on the tensor that has it, and a truncated file is called truncated: the header length, the header's JSON, each
+/// tensor's dtype, shape and `data_offsets` (checked arithmetic: elements × dtype size must equal the span), the
+/// tensors' data back to back without gap or overlap, and the data ending exactly at the end of the file.
+fn check_layout(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
+    let bad = |m: String| Err(WeightsError::format(path, m));
+    let file_len = bytes.len() as u64;
+    let Some(len_bytes) = bytes.get(..8) else {
+        return bad(format!(
+            "truncated: the file has {file_len} bytes, fewer than the 8-byte header length a safetensors file \
+             starts with; the file is incomplete (interrupted download?)"
+        ));
+    };
+    let n = u64::from_le_bytes(len_bytes.try_into().unwrap_or_default());
+    if n > MAX_HEADER_BYTES {
+        return bad(format!(
+            "the header length (first 8 bytes) is {n}, more than the {MAX_HEADER_BYTES} bytes tunec reads \
+             (safetensors_io::MAX_HEADER_BYTES): not a safetensors file, or a corrupt one"
+        ));
+    }
+    let Some(header) = bytes.get(8..8 + n as usize) else {
+        return bad(format!(
+            "truncated: the header length (first 8 bytes) declares a {n}-byte header, the file has {} bytes after \
+             it; the file is incomplete (interrupted download?)",
+            file_len - 8
+        ));
+    };
+    let text = std::str::from_utf8(header).or_else(|e| {
+        bad(format!("the header is not UTF-8 (invalid byte at byte {} of the file)", 8 + e.valid_up_to()))
+    })?;
+    let json: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+        .or_else(|e| bad(format!("the header is not a JSON object: {e}")))?;
+    let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(json.len());
+    for (name, info) in &json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let tensor = || format!("tensor `{}`", show(name));
+        let (dtype, shape, offsets) = match info {
+            serde_json::Value::Object(o) => (o.get("dtype"), o.get("shape"), o.get("data_offsets")),
+            _ => return bad(format!("{}: expected an object with dtype, shape and data_offsets", tensor())),
+        };
+        let dtype_name = dtype.and_then(|d| d.as_str()).unwrap_or("");
+        let Ok(dtype) = serde_json::from_value::<Dtype>(serde_json::Value::String(dtype_name.to_string())) else {
+            return bad(format!("{}: unknown or missing dtype \"{}\"", tensor(), show(dtype_name)));
+        };
+        let Some(shape) = shape
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().map(|d| d.as_u64()).collect::<Option<Vec<u64>>>())
+        else {
+            return bad(format!("{}: `shape` is missing or not a list of non-negative integers", tensor()));
+        };
+        let Some([start, end]) = offsets
+            .and_then(|o| o.as_array())
+            .and_then(|o| o.iter().map(|d| d.as_u64()).collect::<Option<Vec<u64>>>())
+            .and_then(|o| <[u64; 2]>::try_from(o).ok())
+        else {
+            return bad(format!("{}: `data_offsets` is missing or not two non-negative integers", tensor()));
+        };
+        let bits = shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.bitsize() as u64))
+            .filter(|b| b % 8 == 0);
+        let Some(need) = bits.map(|b| b / 8) else {
+            return bad(format!(
+                "{}: shape {shape:?} of {dtype:?} is not a whole number of bytes that fits in memory",
+                tensor()
+            ));
+        };
+        if end < start || end - start != need {
+            return bad(format!(
+                "{}: shape {shape:?} of {dtype:?} needs {need} bytes, but its data_offsets [{start}, {end}] span {}",
+                tensor(),
+                end as i128 - start as i128
+            ));
+        }
+        spans.push((start, end, name));
+    }
+    spans.sort();
+    let mut pos = 0u64;
+    let mut prev: Option<&str> = None;
+    for &(start, end, name) in &spans {
+        if start != pos {
+            let before = prev.map_or("the start of the data".to_string(), |p| format!("tensor `{}`", show(p)));
+            let how = if start < pos { "overlaps" } else { "leaves a gap after" };
+            return bad(format!(
+                "tensor `{}`: its data_offsets [{start}, {end}] {how} {before} (which ends at {pos})",
+                show(name)
+            ));
+        }
+        pos = end;
+        prev = Some(name);
+    }
+    let data_len = file_len - 8 - n;
+    if pos > data_len {
+        return bad(format!(
+            "truncated: the header declares {pos} bytes of tensor data, the file has {data_len}; the file is \
+             incomplete (interrupted download?)"
+        ));
+    }
+    if pos < data_len {
+        return bad(format!(
+            "{} bytes after the tensor data: the header declares {pos} bytes of tensor data, the file has \
+             {data_len}",
+            data_len - pos
+        ));
+    }
+    Ok(())
+}
 
 /// An opened safetensors file (memory-mapped; tensors are converted to f32 when read).
 pub struct SafeTensorsFile {
@@ -29,15 +145,17 @@ impl std::fmt::Debug for SafeTensorsFile {
 }
 
 impl SafeTensorsFile {
+    /// Maps and checks `path` (a regular file; see [`check_layout`] for what is checked).
     pub fn open(path: &Path) -> Result<Self, WeightsError> {
-        let file = std::fs::File::open(path).map_err(|e| WeightsError::io(path, e))?;
+        let (file, _) = super::open_regular(path)?;
         // SAFETY: read-only map of a weights file that is not modified while open.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| WeightsError::io(path, e))?;
+        check_layout(path, &map)?;
         let (header_len, meta) = SafeTensors::read_metadata(&map)
-            .map_err(|e| WeightsError::format(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| WeightsError::format(path, format!("not a valid safetensors file: {}", show(&e.to_string()))))?;
         // Validate offsets against the buffer once (deserialize checks every tensor's extent).
         SafeTensors::deserialize(&map)
-            .map_err(|e| WeightsError::format(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| WeightsError::format(path, format!("not a valid safetensors file: {}", show(&e.to_string()))))?;
         let infos: HashMap<String, TensorInfo> = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
         let mut names: Vec<String> = infos.keys().cloned().collect();
         names.sort();
@@ -78,7 +196,14 @@ impl SafeTensorsFile {
             .get(name)
             .ok_or_else(|| WeightsError::MissingTensor { path: self.path.clone(), name: name.to_string() })?;
         let (start, end) = info.data_offsets;
-        let bytes = &self.map[self.data_start + start..self.data_start + end];
+        let bytes = self
+            .data_start
+            .checked_add(start)
+            .zip(self.data_start.checked_add(end))
+            .and_then(|(s, e)| self.map.get(s..e))
+            .ok_or_else(|| {
+                WeightsError::format(&self.path, format!("tensor `{}`: data_offsets past the end of the file", show(name)))
+            })?;
         let data: Vec<f32> = match info.dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
@@ -86,7 +211,7 @@ impl SafeTensorsFile {
             other => {
                 return Err(WeightsError::unsupported(
                     &self.path,
-                    format!("tensor `{name}` is {other:?}; tunec reads F32, F16 and BF16 tensors"),
+                    format!("tensor `{}` is {other:?}; tunec reads F32, F16 and BF16 tensors", show(name)),
                 ))
             }
         };

@@ -9,10 +9,11 @@
 
 use std::path::Path;
 
+use ir::untrusted::show;
 use serde_json::{json, Map, Value};
 
 use super::gguf::GgufFile;
-use super::{read_json, WeightsError};
+use super::{read_capped, read_json, read_text, WeightsError, MAX_JSON_BYTES};
 
 /// The GGUF token types that become special added tokens.
 const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -61,7 +62,7 @@ fn pre_tokenizer(path: &Path, pre: &str) -> Result<Value, WeightsError> {
         other => {
             return Err(WeightsError::unsupported(
                 path,
-                format!("tokenizer.ggml.pre \"{other}\": tunec rebuilds the pre-tokenizers smollm, gpt2/default, llama-bpe and qwen2"),
+                format!("tokenizer.ggml.pre \"{}\": tunec rebuilds the pre-tokenizers smollm, gpt2/default, llama-bpe and qwen2", show(other)),
             ))
         }
     })
@@ -74,7 +75,10 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<GgufTokenizer, WeightsError> 
     if model != "gpt2" {
         return Err(WeightsError::unsupported(
             path,
-            format!("tokenizer.ggml.model \"{model}\": tunec rebuilds byte-level BPE tokenizers (\"gpt2\") only"),
+            format!(
+                "tokenizer.ggml.model \"{}\": tunec rebuilds byte-level BPE tokenizers (\"gpt2\") only",
+                show(model)
+            ),
         ));
     }
     let tokens = g.get_strings("tokenizer.ggml.tokens")?;
@@ -99,7 +103,7 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<GgufTokenizer, WeightsError> 
         if vocab.insert(tok.to_string(), json!(id)).is_some() {
             return Err(WeightsError::format(
                 path,
-                format!("token {tok:?} appears twice in tokenizer.ggml.tokens (again at id {id})"),
+                format!("token \"{}\" appears twice in tokenizer.ggml.tokens (again at id {id})", show(tok)),
             ));
         }
     }
@@ -107,7 +111,10 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<GgufTokenizer, WeightsError> 
         .iter()
         .map(|m| match m.split(' ').collect::<Vec<_>>().as_slice() {
             [a, b] => Ok(json!([a, b])),
-            _ => Err(WeightsError::format(path, format!("merge {m:?} is not two tokens separated by one space"))),
+            _ => Err(WeightsError::format(
+                path,
+                format!("merge \"{}\" is not two tokens separated by one space", show(m)),
+            )),
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -231,12 +238,14 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<GgufTokenizer, WeightsError> 
 }
 
 /// Loads a `tokenizer.json` with the `tokenizers` crate.
+/// Loads a `tokenizer.json` (a regular file of at most [`MAX_JSON_BYTES`]) with the `tokenizers` crate.
 pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, WeightsError> {
     if !path.exists() {
         return Err(WeightsError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json")));
     }
-    tokenizers::Tokenizer::from_file(path)
-        .map_err(|e| WeightsError::format(path, format!("cannot load the tokenizer: {e}")))
+    let bytes = read_capped(path, MAX_JSON_BYTES, "weights::MAX_JSON_BYTES")?;
+    tokenizers::Tokenizer::from_bytes(&bytes)
+        .map_err(|e| WeightsError::format(path, format!("cannot load the tokenizer: {}", show(&e.to_string()))))
 }
 
 /// A chat template and the special tokens it may refer to (`tokenizer_config.json`).
@@ -267,7 +276,7 @@ impl ChatTemplate {
         let eos_token = config.as_ref().and_then(|c| token_text(c.get("eos_token")));
         let jinja = dir.join("chat_template.jinja");
         let source = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja).map_err(|e| WeightsError::io(&jinja, e))?)
+            Some(read_text(&jinja)?)
         } else {
             match config.as_ref().and_then(|c| c.get("chat_template")) {
                 Some(Value::String(s)) => Some(s.clone()),
@@ -299,6 +308,6 @@ impl ChatTemplate {
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
-        env.render_str(&self.source, ctx).map_err(|e| format!("cannot render the chat template: {e:#}"))
+        env.render_str(&self.source, ctx).map_err(|e| format!("cannot render the chat template: {}", show(&e.to_string())))
     }
 }
