@@ -21,33 +21,33 @@ pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// tensor's dtype, shape and `data_offsets` (checked arithmetic: elements × dtype size must equal the span), the
 /// tensors' data back to back without gap or overlap, and the data ending exactly at the end of the file.
 fn check_layout(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
-    let bad = |m: String| Err(WeightsError::format(path, m));
+    let err = |m: String| WeightsError::format(path, m);
     let file_len = bytes.len() as u64;
     let Some(len_bytes) = bytes.get(..8) else {
-        return bad(format!(
+        return Err(err(format!(
             "truncated: the file has {file_len} bytes, fewer than the 8-byte header length a safetensors file \
              starts with; the file is incomplete (interrupted download?)"
-        ));
+        )));
     };
     let n = u64::from_le_bytes(len_bytes.try_into().unwrap_or_default());
     if n > MAX_HEADER_BYTES {
-        return bad(format!(
+        return Err(err(format!(
             "the header length (first 8 bytes) is {n}, more than the {MAX_HEADER_BYTES} bytes tunec reads \
              (safetensors_io::MAX_HEADER_BYTES): not a safetensors file, or a corrupt one"
-        ));
+        )));
     }
     let Some(header) = bytes.get(8..8 + n as usize) else {
-        return bad(format!(
+        return Err(err(format!(
             "truncated: the header length (first 8 bytes) declares a {n}-byte header, the file has {} bytes after \
              it; the file is incomplete (interrupted download?)",
             file_len - 8
-        ));
+        )));
     };
-    let text = std::str::from_utf8(header).or_else(|e| {
-        bad(format!("the header is not UTF-8 (invalid byte at byte {} of the file)", 8 + e.valid_up_to()))
+    let text = std::str::from_utf8(header).map_err(|e| {
+        err(format!("the header is not UTF-8 (invalid byte at byte {} of the file)", 8 + e.valid_up_to()))
     })?;
     let json: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
-        .or_else(|e| bad(format!("the header is not a JSON object: {e}")))?;
+        .map_err(|e| err(format!("the header is not a JSON object: {e}")))?;
     let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(json.len());
     for (name, info) in &json {
         if name == "__metadata__" {
@@ -56,24 +56,24 @@ fn check_layout(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
         let tensor = || format!("tensor `{}`", show(name));
         let (dtype, shape, offsets) = match info {
             serde_json::Value::Object(o) => (o.get("dtype"), o.get("shape"), o.get("data_offsets")),
-            _ => return bad(format!("{}: expected an object with dtype, shape and data_offsets", tensor())),
+            _ => return Err(err(format!("{}: expected an object with dtype, shape and data_offsets", tensor()))),
         };
         let dtype_name = dtype.and_then(|d| d.as_str()).unwrap_or("");
         let Ok(dtype) = serde_json::from_value::<Dtype>(serde_json::Value::String(dtype_name.to_string())) else {
-            return bad(format!("{}: unknown or missing dtype \"{}\"", tensor(), show(dtype_name)));
+            return Err(err(format!("{}: unknown or missing dtype \"{}\"", tensor(), show(dtype_name))));
         };
         let Some(shape) = shape
             .and_then(|s| s.as_array())
             .and_then(|s| s.iter().map(|d| d.as_u64()).collect::<Option<Vec<u64>>>())
         else {
-            return bad(format!("{}: `shape` is missing or not a list of non-negative integers", tensor()));
+            return Err(err(format!("{}: `shape` is missing or not a list of non-negative integers", tensor())));
         };
         let Some([start, end]) = offsets
             .and_then(|o| o.as_array())
             .and_then(|o| o.iter().map(|d| d.as_u64()).collect::<Option<Vec<u64>>>())
             .and_then(|o| <[u64; 2]>::try_from(o).ok())
         else {
-            return bad(format!("{}: `data_offsets` is missing or not two non-negative integers", tensor()));
+            return Err(err(format!("{}: `data_offsets` is missing or not two non-negative integers", tensor())));
         };
         let bits = shape
             .iter()
@@ -81,17 +81,17 @@ fn check_layout(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
             .and_then(|n| n.checked_mul(dtype.bitsize() as u64))
             .filter(|b| b % 8 == 0);
         let Some(need) = bits.map(|b| b / 8) else {
-            return bad(format!(
+            return Err(err(format!(
                 "{}: shape {shape:?} of {dtype:?} is not a whole number of bytes that fits in memory",
                 tensor()
-            ));
+            )));
         };
         if end < start || end - start != need {
-            return bad(format!(
+            return Err(err(format!(
                 "{}: shape {shape:?} of {dtype:?} needs {need} bytes, but its data_offsets [{start}, {end}] span {}",
                 tensor(),
                 end as i128 - start as i128
-            ));
+            )));
         }
         spans.push((start, end, name));
     }
@@ -102,27 +102,27 @@ fn check_layout(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
         if start != pos {
             let before = prev.map_or("the start of the data".to_string(), |p| format!("tensor `{}`", show(p)));
             let how = if start < pos { "overlaps" } else { "leaves a gap after" };
-            return bad(format!(
+            return Err(err(format!(
                 "tensor `{}`: its data_offsets [{start}, {end}] {how} {before} (which ends at {pos})",
                 show(name)
-            ));
+            )));
         }
         pos = end;
         prev = Some(name);
     }
     let data_len = file_len - 8 - n;
     if pos > data_len {
-        return bad(format!(
+        return Err(err(format!(
             "truncated: the header declares {pos} bytes of tensor data, the file has {data_len}; the file is \
              incomplete (interrupted download?)"
-        ));
+        )));
     }
     if pos < data_len {
-        return bad(format!(
+        return Err(err(format!(
             "{} bytes after the tensor data: the header declares {pos} bytes of tensor data, the file has \
              {data_len}",
             data_len - pos
-        ));
+        )));
     }
     Ok(())
 }
