@@ -207,8 +207,13 @@ fn gguf_model_sizes_are_validated_before_anything_is_allocated_per_layer() {
     write_gguf(&path, &llama_metadata(set("llama.vocab_size", GgufValue::U64(u64::MAX / 2))), &[], 32).unwrap();
     let e = config_from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err().to_string();
     assert!(e.contains("vocab_size × hidden_size overflows"), "{e}");
-    write_gguf(&path, &llama_metadata(set("llama.attention.layer_norm_rms_epsilon", GgufValue::F32(f32::NAN))), &[], 32)
-        .unwrap();
+    write_gguf(
+        &path,
+        &llama_metadata(set("llama.attention.layer_norm_rms_epsilon", GgufValue::F32(f32::NAN))),
+        &[],
+        32,
+    )
+    .unwrap();
     let e = config_from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err().to_string();
     assert!(e.contains("`rms_norm_eps` is NaN"), "{e}");
 }

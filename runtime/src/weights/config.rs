@@ -208,8 +208,14 @@ impl LlamaConfig {
         let h = self.hidden_size;
         let products = [
             ("vocab_size × hidden_size", self.vocab_size.checked_mul(h)),
-            ("num_attention_heads × head_dim × hidden_size", self.num_attention_heads.checked_mul(self.head_dim).and_then(|q| q.checked_mul(h))),
-            ("num_key_value_heads × head_dim × hidden_size", self.num_key_value_heads.checked_mul(self.head_dim).and_then(|q| q.checked_mul(h))),
+            (
+                "num_attention_heads × head_dim × hidden_size",
+                self.num_attention_heads.checked_mul(self.head_dim).and_then(|q| q.checked_mul(h)),
+            ),
+            (
+                "num_key_value_heads × head_dim × hidden_size",
+                self.num_key_value_heads.checked_mul(self.head_dim).and_then(|q| q.checked_mul(h)),
+            ),
             ("intermediate_size × hidden_size", self.intermediate_size.checked_mul(h)),
         ];
         for (what, n) in products {
@@ -315,9 +321,12 @@ impl LlamaConfig {
         let m = |a: usize, b: usize| a.saturating_mul(b);
         let q = m(self.num_attention_heads, self.head_dim);
         let kv = m(self.num_key_value_heads, self.head_dim);
-        let layer = [m(h, q), m(2, m(h, kv)), m(q, h), m(3, m(h, i)), m(2, h)].into_iter().fold(0, usize::saturating_add);
+        let layer =
+            [m(h, q), m(2, m(h, kv)), m(q, h), m(3, m(h, i)), m(2, h)].into_iter().fold(0, usize::saturating_add);
         let embed = m(self.vocab_size, h);
-        [embed, m(l, layer), h, if self.tie_word_embeddings { 0 } else { embed }].into_iter().fold(0, usize::saturating_add)
+        [embed, m(l, layer), h, if self.tie_word_embeddings { 0 } else { embed }]
+            .into_iter()
+            .fold(0, usize::saturating_add)
     }
 
     /// `generation_config.json` for this model (greedy by default, as transformers writes when none is given).

@@ -246,7 +246,8 @@ impl GgufFile {
                     format!("{}: {n_dims} dimensions (at most {MAX_DIMS}): a corrupt file", what()),
                 ));
             }
-            let dims = (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>, _>>().map_err(|e| context(e, path, &what()))?;
+            let dims =
+                (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>, _>>().map_err(|e| context(e, path, &what()))?;
             if checked_numel(&dims).is_none() {
                 return Err(WeightsError::format(
                     path,
@@ -397,7 +398,11 @@ impl GgufFile {
         start.and_then(|s| self.map.get(s..s.checked_add(len)?)).ok_or_else(|| {
             WeightsError::format(
                 &self.path,
-                format!("tensor `{}`: its {len} bytes at data offset {} lie past the end of the file", show(&t.name), t.offset),
+                format!(
+                    "tensor `{}`: its {len} bytes at data offset {} lie past the end of the file",
+                    show(&t.name),
+                    t.offset
+                ),
             )
         })
     }

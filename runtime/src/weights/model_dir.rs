@@ -63,7 +63,11 @@ impl ModelDir {
                 let file = file.as_str().ok_or_else(|| {
                     WeightsError::format(
                         &index_path,
-                        format!("weight_map: tensor `{}` maps to {}, not a file name", show(tensor), show(&file.to_string())),
+                        format!(
+                            "weight_map: tensor `{}` maps to {}, not a file name",
+                            show(tensor),
+                            show(&file.to_string())
+                        ),
                     )
                 })?;
                 // A shard is a plain file of the model directory: no path separators, no `..`, not absolute, so

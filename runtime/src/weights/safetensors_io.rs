@@ -46,8 +46,8 @@ fn check_layout(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
     let text = std::str::from_utf8(header).map_err(|e| {
         err(format!("the header is not UTF-8 (invalid byte at byte {} of the file)", 8 + e.valid_up_to()))
     })?;
-    let json: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
-        .map_err(|e| err(format!("the header is not a JSON object: {e}")))?;
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| err(format!("the header is not a JSON object: {e}")))?;
     let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(json.len());
     for (name, info) in &json {
         if name == "__metadata__" {
@@ -62,9 +62,8 @@ fn check_layout(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
         let Ok(dtype) = serde_json::from_value::<Dtype>(serde_json::Value::String(dtype_name.to_string())) else {
             return Err(err(format!("{}: unknown or missing dtype \"{}\"", tensor(), show(dtype_name))));
         };
-        let Some(shape) = shape
-            .and_then(|s| s.as_array())
-            .and_then(|s| s.iter().map(|d| d.as_u64()).collect::<Option<Vec<u64>>>())
+        let Some(shape) =
+            shape.and_then(|s| s.as_array()).and_then(|s| s.iter().map(|d| d.as_u64()).collect::<Option<Vec<u64>>>())
         else {
             return Err(err(format!("{}: `shape` is missing or not a list of non-negative integers", tensor())));
         };
@@ -151,11 +150,13 @@ impl SafeTensorsFile {
         // SAFETY: read-only map of a weights file that is not modified while open.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| WeightsError::io(path, e))?;
         check_layout(path, &map)?;
-        let (header_len, meta) = SafeTensors::read_metadata(&map)
-            .map_err(|e| WeightsError::format(path, format!("not a valid safetensors file: {}", show(&e.to_string()))))?;
+        let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+            WeightsError::format(path, format!("not a valid safetensors file: {}", show(&e.to_string())))
+        })?;
         // Validate offsets against the buffer once (deserialize checks every tensor's extent).
-        SafeTensors::deserialize(&map)
-            .map_err(|e| WeightsError::format(path, format!("not a valid safetensors file: {}", show(&e.to_string()))))?;
+        SafeTensors::deserialize(&map).map_err(|e| {
+            WeightsError::format(path, format!("not a valid safetensors file: {}", show(&e.to_string())))
+        })?;
         let infos: HashMap<String, TensorInfo> = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
         let mut names: Vec<String> = infos.keys().cloned().collect();
         names.sort();
@@ -202,7 +203,10 @@ impl SafeTensorsFile {
             .zip(self.data_start.checked_add(end))
             .and_then(|(s, e)| self.map.get(s..e))
             .ok_or_else(|| {
-                WeightsError::format(&self.path, format!("tensor `{}`: data_offsets past the end of the file", show(name)))
+                WeightsError::format(
+                    &self.path,
+                    format!("tensor `{}`: data_offsets past the end of the file", show(name)),
+                )
             })?;
         let data: Vec<f32> = match info.dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),

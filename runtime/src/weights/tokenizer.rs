@@ -308,6 +308,7 @@ impl ChatTemplate {
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
-        env.render_str(&self.source, ctx).map_err(|e| format!("cannot render the chat template: {}", show(&e.to_string())))
+        env.render_str(&self.source, ctx)
+            .map_err(|e| format!("cannot render the chat template: {}", show(&e.to_string())))
     }
 }
