@@ -130,18 +130,7 @@ fn load_weights(set: &mut SetParam<'_>, plan: &Plan, args: &RunArgs, seed: u64) 
     // The plan's model config (the recipe's `llama(LlamaConfig { .. })`) must be the model's: a different
     // rope_theta or norm eps would train silently on the wrong function.
     if let Some(m) = &model {
-        let diffs = m.config.plan_mismatches(&plan.model_config);
-        if !diffs.is_empty() {
-            return Err(format!(
-                "error: --model: {} does not match the model config the plan was compiled with ({} \
-                 difference{}):\n  {}\nrecompile the recipe with the model's values (the fields of its \
-                 `LlamaConfig {{ .. }}` from config.json), or give --model the model the recipe was written for",
-                m.dir.join("config.json").display(),
-                diffs.len(),
-                if diffs.len() == 1 { "" } else { "s" },
-                diffs.join("\n  ")
-            ));
-        }
+        m.check_plan(&plan.model_config).map_err(|e| format!("error: --model: {e}"))?;
     }
     for p in plan.params.iter().filter(|p| matches!(p.init, Init::Load)) {
         let n: usize = p.shape.iter().product();

@@ -423,6 +423,14 @@ fn plan_config_is_compared_field_by_field_with_config_json() {
     assert!(d[2].contains("norm_eps") && d[2].contains("`rms_norm_eps`"), "{d:?}");
     let d = c.plan_mismatches(&plan(&[("tie_embeddings", "false"), ("arch", "\"gpt2\"")]));
     assert_eq!(d.len(), 2, "{d:?}");
+    // What `tunec run --model` says: the file, each difference, and the fix.
+    let e = ModelDir::open(&m).unwrap().check_plan(&plan(&[("rope_theta", "500000.0")])).unwrap_err().to_string();
+    assert!(e.contains(&m.join("config.json").display().to_string()), "{e}");
+    assert!(
+        e.contains("(1 difference):\n  rope_theta: the plan has 500000.0, config.json has `rope_theta`: 10000.0"),
+        "{e}"
+    );
+    assert!(e.contains("recompile the recipe with the model's values"), "{e}");
     // A field the table does not know is reported, not skipped.
     let mut p = plan(&[]);
     p.push(("sliding_window".into(), "4096".into()));

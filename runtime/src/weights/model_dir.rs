@@ -142,6 +142,27 @@ impl ModelDir {
         Ok(ModelDir { tokenizer, chat_template, ..model })
     }
 
+    /// Checks the model config a plan was compiled with (`ir::plan::Plan::model_config`) against this directory's
+    /// `config.json` (see [`super::LlamaConfig::plan_mismatches`]); the error lists every difference and how to fix
+    /// it.
+    pub fn check_plan(&self, model_config: &[(String, String)]) -> Result<(), WeightsError> {
+        let diffs = self.config.plan_mismatches(model_config);
+        if diffs.is_empty() {
+            return Ok(());
+        }
+        Err(WeightsError::format(
+            &self.dir.join("config.json"),
+            format!(
+                "the model does not match the model config the plan was compiled with ({} difference{}):\n  {}\n\
+                 recompile the recipe with the model's values (the fields of its `LlamaConfig {{ .. }}` from \
+                 config.json), or give --model the model the recipe was written for",
+                diffs.len(),
+                if diffs.len() == 1 { "" } else { "s" },
+                diffs.join("\n  ")
+            ),
+        ))
+    }
+
     /// The weights file (the single file, or the index of the shards), for messages.
     pub fn weights_path(&self) -> PathBuf {
         match self.shards.as_slice() {
