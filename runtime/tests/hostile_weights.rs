@@ -444,3 +444,34 @@ fn weights_errors_escape_tensor_names() {
     let e = e.to_string();
     assert!(e.len() < 400 && !e.chars().any(char::is_control), "{e}");
 }
+
+#[test]
+fn adapter_for_another_model_is_refused_by_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    tiny_model(&m);
+    let adapter = dir.path().join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    let config = serde_json::json!({ "peft_type": "LORA", "r": 2, "lora_alpha": 4.0, "bias": "none" });
+    std::fs::write(adapter.join("adapter_config.json"), config.to_string()).unwrap();
+    // q_proj of a model with hidden 16: A is [r, 16], the tiny model's q_proj is [8, 8].
+    let p = "base_model.model.model.layers.0.self_attn.q_proj";
+    let write = |prefix: &str| {
+        let a = Tensor::new(vec![2, 16], vec![0.1; 32]);
+        let b = Tensor::new(vec![8, 2], vec![0.1; 16]);
+        write_tensors(
+            &adapter.join("adapter_model.safetensors"),
+            &[(format!("{prefix}.lora_A.weight"), a), (format!("{prefix}.lora_B.weight"), b)],
+        )
+        .unwrap();
+    };
+    write(p);
+    let out = dir.path().join("out");
+    let e = runtime::weights::merge(&m, &adapter, &out).unwrap_err().to_string();
+    assert!(e.contains("[out, in] = [8, 16]") && e.contains("trained for another model"), "{e}");
+    assert!(!out.exists(), "nothing is written for a refused adapter");
+    // A module name of control characters is shown escaped.
+    write(&format!("base_model.model.{}", "\u{1b}[2J".repeat(1000)));
+    let e = runtime::weights::merge(&m, &adapter, &out).unwrap_err().to_string();
+    clean(&e, &adapter.join("adapter_model.safetensors"));
+}
