@@ -475,3 +475,22 @@ fn adapter_for_another_model_is_refused_by_merge() {
     let e = runtime::weights::merge(&m, &adapter, &out).unwrap_err().to_string();
     clean(&e, &adapter.join("adapter_model.safetensors"));
 }
+
+#[test]
+fn gguf_metadata_value_count_is_capped() {
+    use runtime::weights::gguf::MAX_METADATA_VALUES;
+    let dir = tempfile::tempdir().unwrap();
+    // One array just over the cap, and two arrays of half the cap plus one each: 4 MB of u8 values that would
+    // take 32 times that in memory.
+    let n = MAX_METADATA_VALUES + 1;
+    let path = Gguf::new(0, 1).str(b"big").u32(9).u32(0).u64(n).zeros(n as usize).write(dir.path(), "one.gguf");
+    let e = gguf_error(&path);
+    assert!(e.contains("metadata `big`") && e.contains(&format!("array of {n} elements")), "{e}");
+    let half = MAX_METADATA_VALUES / 2 + 1;
+    let mut g = Gguf::new(0, 2);
+    for key in [b"a", b"b"] {
+        g = g.str(key).u32(9).u32(0).u64(half).zeros(half as usize);
+    }
+    let e = gguf_error(&g.write(dir.path(), "two.gguf"));
+    assert!(e.contains("metadata `b`") && e.contains("MAX_METADATA_VALUES"), "{e}");
+}

@@ -21,10 +21,10 @@ pub const MAX_DIMS: u32 = 8;
 /// Deepest nesting of metadata arrays (arrays of arrays of …) read; deeper is refused (it would only serve to
 /// exhaust the stack).
 pub const MAX_ARRAY_DEPTH: usize = 8;
-/// Most metadata values (array elements counted one by one) a file may hold: 2^24. A 256k-token vocabulary with
-/// its merges and token types is under 1M; the cap bounds the memory the metadata takes (each value takes ~32 bytes
-/// in memory for as little as one byte in the file).
-pub const MAX_METADATA_VALUES: u64 = 1 << 24;
+/// Most metadata values (array elements counted one by one) a file may hold: 2^22 (4M). A 256k-token vocabulary
+/// with its merges, token types and scores is about 1M; the cap bounds the memory the metadata takes (each value
+/// takes ~32 bytes in memory for as little as one byte in the file: at most ~128 MiB).
+pub const MAX_METADATA_VALUES: u64 = 1 << 22;
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -565,7 +565,8 @@ impl<'a> Reader<'a> {
                         format!("array of {n} elements: more than the {MAX_METADATA_VALUES} tunec reads"),
                     ));
                 }
-                let mut items = Vec::with_capacity(n as usize);
+                // Grown as elements are read: the count is only an upper bound until they are.
+                let mut items = Vec::with_capacity(n.min(1 << 16) as usize);
                 for _ in 0..n {
                     items.push(self.value(elem, depth + 1)?);
                 }
