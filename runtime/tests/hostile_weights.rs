@@ -494,3 +494,101 @@ fn gguf_metadata_value_count_is_capped() {
     let e = gguf_error(&g.write(dir.path(), "two.gguf"));
     assert!(e.contains("metadata `b`") && e.contains("MAX_METADATA_VALUES"), "{e}");
 }
+
+/// A WordLevel tokenizer (tokenizer.json, tokenizer_config.json) in `dir`, enough for the data pipeline.
+fn word_tokenizer(dir: &Path) {
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in ["<|endoftext|>", "[UNK]", "the", "a", "Give", "three"].iter().enumerate() {
+        vocab.insert(w.to_string(), i.into());
+    }
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let cfg = serde_json::json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": null});
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+}
+
+/// `tunec-runner run plan --model dir` refuses a model whose config.json differs from the plan's model config,
+/// before any weight is loaded, listing the difference.
+#[test]
+fn run_refuses_a_model_whose_config_differs_from_the_plan() {
+    use ir::plan::{build_plan, PlanBuffer, PlanSource, Region, TrainSettings, ValuePlacement};
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    tiny_model(&m);
+    word_tokenizer(&m);
+    let graph = ir::text::parse(
+        "graph \"t\" {\n  %0 = param {name=\"model.norm.weight\", role=frozen, init=load} : f32[8]\n  \
+         %1 = param {name=\"a\", role=trainable, init=zeros} : f32[8]\n  %2 = add(%0, %1) : f32[8]\n  \
+         output logits = %2\n  kernel \"add\" = [%2]\n}\n",
+    )
+    .unwrap();
+    let buf = |region, offset, first| PlanBuffer { region, offset, bytes: 32, start: 0, end: 1, first };
+    let model_config: Vec<(String, String)> = [
+        ("arch", "\"llama\""),
+        ("vocab", "10"),
+        ("hidden", "8"),
+        ("layers", "1"),
+        ("heads", "2"),
+        ("kv_heads", "1"),
+        ("ffn", "16"),
+        ("rope_theta", "500000.0"),
+        ("norm_eps", "1e-5"),
+        ("tie_embeddings", "true"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let plan = build_plan(PlanSource {
+        recipe: "t".into(),
+        target: "cpu".into(),
+        graph,
+        values: vec![ValuePlacement::Owns(0), ValuePlacement::Owns(1), ValuePlacement::Owns(2)],
+        buffers: vec![buf(Region::Persistent, 0, 0), buf(Region::Persistent, 32, 1), buf(Region::Arena, 0, 2)],
+        arena_bytes: 32,
+        persistent_bytes: 64,
+        train: TrainSettings {
+            seq_len: 64,
+            micro_batch: 1,
+            lr: 1e-3,
+            steps: 1,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            seed: 1,
+            eval_every: 0,
+            save_every: 0,
+        },
+        peft: None,
+        model_config,
+    })
+    .unwrap();
+    let plan_path = dir.path().join("plan.bin");
+    plan.write(&plan_path).unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/alpaca.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunec-runner"))
+        .arg("run")
+        .arg(&plan_path)
+        .arg("--data")
+        .arg(&data)
+        .arg("--model")
+        .arg(&m)
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .args(["--backend", "interp", "--quiet"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("rope_theta: the plan has 500000.0, config.json has `rope_theta`: 10000.0"), "{err}");
+    assert!(err.contains("recompile the recipe"), "{err}");
+}
