@@ -472,6 +472,19 @@ fn import_synthetic_model_and_run_it() {
         assert_eq!(report.vocab_size, 300);
         assert_eq!(report.merges, 4);
         assert_eq!(report.params, report.config.num_params());
+        // The files written have fixed names directly under --out: nothing in the GGUF names them.
+        let names: Vec<&str> = report.files.iter().map(|f| f.strip_prefix(&out).unwrap().to_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "model.safetensors",
+                "config.json",
+                "generation_config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json"
+            ]
+        );
         let st = SafeTensorsFile::open(&out.join("model.safetensors")).unwrap();
         assert_eq!(st.names().len(), expected.len());
         for (name, t) in &expected {
