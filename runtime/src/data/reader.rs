@@ -57,19 +57,83 @@ pub struct Records {
     pub skipped: Vec<DataError>,
 }
 
+/// The largest data file read (8 GiB). The file is read whole, then parsed; split a larger data set into several
+/// files, or sample it.
+pub const MAX_DATA_FILE_BYTES: u64 = 8 << 30;
+
+/// The largest record: one JSON line, or one element of a JSON array (64 MiB). A larger one is a bad record
+/// (skipped with `skip_bad`); training reads at most [`super::dataset::max_text_bytes`] of any record anyway.
+pub const MAX_RECORD_BYTES: usize = 64 << 20;
+
 /// Reads and checks every record of `path`.
 pub fn read_records(path: &Path, opts: &ReadOptions) -> Result<Records, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    let text = match String::from_utf8(bytes) {
-        Ok(t) => t,
+    let text = read_text_file(path, MAX_DATA_FILE_BYTES)?;
+    parse_records(path, &text, opts)
+}
+
+/// The UTF-8 text of the regular file `path`, of at most `max` bytes. Devices (`/dev/zero`), FIFOs, sockets and
+/// directories are refused before they are opened (reading them may never end), as is a file past `max`.
+pub fn read_text_file(path: &Path, max: u64) -> Result<String, DataError> {
+    use std::io::Read as _;
+    let io = |source| DataError::Io { path: path.to_path_buf(), source };
+    let bad = |message: String| DataError::File { path: path.to_path_buf(), line: None, message };
+    let check = |meta: &std::fs::Metadata| -> Result<u64, DataError> {
+        if !meta.is_file() {
+            return Err(bad(format!(
+                "not a regular file but {}: tunec reads data, tokenizer and template files whole, and reading this \
+                 may never end; copy it to a file first",
+                file_kind(meta)
+            )));
+        }
+        if meta.len() > max {
+            return Err(bad(format!(
+                "the file is {} bytes, over the limit of {max} bytes: split it into smaller files or sample it",
+                meta.len()
+            )));
+        }
+        Ok(meta.len())
+    };
+    check(&std::fs::metadata(path).map_err(io)?)?;
+    let file = std::fs::File::open(path).map_err(io)?;
+    // The path may have been replaced between the two looks: check what was opened.
+    let len = check(&file.metadata().map_err(io)?)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > max {
+        return Err(bad(format!("the file grew past the limit of {max} bytes while it was read")));
+    }
+    match String::from_utf8(bytes) {
+        Ok(t) => Ok(t),
         Err(e) => {
             let valid = e.utf8_error().valid_up_to();
             let line = e.as_bytes()[..valid].iter().filter(|b| **b == b'\n').count() + 1;
             let message = format!("not valid UTF-8 (byte {valid})");
-            return Err(DataError::File { path: path.to_path_buf(), line: Some(line), message });
+            Err(DataError::File { path: path.to_path_buf(), line: Some(line), message })
         }
-    };
-    parse_records(path, &text, opts)
+    }
+}
+
+/// What a file that is not a regular one is, for messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        let t = meta.file_type();
+        if t.is_char_device() {
+            return "a character device";
+        } else if t.is_block_device() {
+            return "a block device";
+        } else if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        } else if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if meta.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
 }
 
 /// Parses `text` as the contents of the file `path` (which is only used for detection by extension and messages).
@@ -132,6 +196,10 @@ fn parse_json_lines(path: &Path, text: &str) -> Vec<RawRecord> {
     for (i, line) in text.split('\n').enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
+            continue;
+        }
+        if line.len() > MAX_RECORD_BYTES {
+            out.push((i + 1, Err(too_large(path, i + 1, line.len()))));
             continue;
         }
         let value = serde_json::from_str::<Value>(line).map_err(|e| DataError::Record {
@@ -210,9 +278,9 @@ fn parse_json_array(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError
         let mut stream = serde_json::Deserializer::from_str(&text[cur.pos..]).into_iter::<Value>();
         match stream.next() {
             Some(Ok(v)) => {
-                let end = cur.pos + stream.byte_offset();
-                cur.advance_to(end);
-                out.push((line, Ok(v)));
+                let len = stream.byte_offset();
+                cur.advance_to(cur.pos + len);
+                out.push((line, if len > MAX_RECORD_BYTES { Err(too_large(path, line, len)) } else { Ok(v) }));
             }
             Some(Err(e)) => {
                 // The error's position is relative to the element's start.
@@ -241,6 +309,18 @@ fn parse_json_array(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError
         return Err(at(cur.line, cur.column(), "unexpected characters after the array".into()));
     }
     Ok(out)
+}
+
+/// A record past [`MAX_RECORD_BYTES`].
+fn too_large(path: &Path, line: usize, len: usize) -> DataError {
+    DataError::record(
+        path,
+        line,
+        format!(
+            "the record is {len} bytes, over the limit of {MAX_RECORD_BYTES} bytes (MAX_RECORD_BYTES); shorten it, or \
+             skip it with --skip-bad"
+        ),
+    )
 }
 
 /// serde_json's message without its " at line L column C" (we give the position ourselves).
