@@ -1112,8 +1112,8 @@ fn the_data_report_accounts_for_every_record() {
     let line = r.partition(d.examples.len(), eval.len());
     assert!(
         line.starts_with(
-            "6 records → 3 train, 1 eval, 2 skipped (1 malformed or failing to render/tokenize, 1 without target \
-             tokens within 128 tokens); 1 truncated to 128 tokens;"
+            "6 records → 3 train, 1 eval, 2 skipped (1 skipped as bad, 1 without target tokens within 128 tokens); \
+             1 truncated to 128 tokens;"
         ),
         "{line}"
     );

@@ -116,11 +116,12 @@ impl DataReport {
     }
 
     /// Where every record of the file went, once `train` + `eval` = [`DataReport::examples`] are split:
-    /// `200000 records → 189936 train, 64 eval, 0 skipped (…)`; train + eval + skipped = records.
+    /// `200000 records → 189936 train, 64 eval, 0 skipped (…)`; train + eval + skipped = records. Skipped as bad:
+    /// malformed, or failing to render or tokenize (`skip_bad`).
     pub fn partition(&self, train: usize, eval: usize) -> String {
         format!(
-            "{} records → {train} train, {eval} eval, {} skipped ({} malformed or failing to render/tokenize, {} \
-             without target tokens within {} tokens); {} truncated to {} tokens; {} tokens, {} labelled",
+            "{} records → {train} train, {eval} eval, {} skipped ({} skipped as bad, {} without target tokens \
+             within {} tokens); {} truncated to {} tokens; {} tokens, {} labelled",
             self.total,
             self.dropped(),
             self.skipped.len(),
