@@ -177,13 +177,19 @@ fn a_token_id_past_the_vocabulary_is_refused_naming_the_record() {
     t["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({"id": 200, "content": "<|tool|>",
         "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
     std::fs::write(tok.join("tokenizer.json"), t.to_string()).unwrap();
+    // A bare chat template, so that the token falls within the recipe's 8-token rows.
+    let cfg = serde_json::json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "chat_template": "{% for m in messages %}{{ m.content }} {% endfor %}"});
+    std::fs::write(tok.join("tokenizer_config.json"), cfg.to_string()).unwrap();
     let data = data(dir.path());
     let mut text = std::fs::read_to_string(&data).unwrap();
-    text.push_str("{\"instruction\": \"Give a tip.\", \"input\": \"\", \"output\": \"<|tool|> Sleep well.\"}\n");
+    text.push_str("{\"instruction\": \"<|tool|> Give a tip.\", \"input\": \"\", \"output\": \"Sleep well.\"}\n");
     std::fs::write(&data, text).unwrap();
     let out = dir.path().join("o");
     let (d, t, o) = (data.to_str().unwrap(), tok.to_str().unwrap(), out.to_str().unwrap());
-    let run = tunec(&run_args(d, t, o, "2")).output().unwrap();
+    let mut args = run_args(d, t, o, "2");
+    args.extend(["--template", "chat"]);
+    let run = tunec(&args).output().unwrap();
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success(), "{err}");
     assert!(

@@ -65,6 +65,10 @@ pub const MAX_DATA_FILE_BYTES: u64 = 8 << 30;
 /// (skipped with `skip_bad`); training reads at most [`super::dataset::max_text_bytes`] of any record anyway.
 pub const MAX_RECORD_BYTES: usize = 64 << 20;
 
+/// The most records (good or bad) a file may hold: 16,777,216. Real instruction sets hold up to a few million; each
+/// record costs memory beyond its bytes, so a file of millions of tiny records must not exhaust it.
+pub const MAX_RECORDS: usize = 1 << 24;
+
 /// Reads and checks every record of `path`.
 pub fn read_records(path: &Path, opts: &ReadOptions) -> Result<Records, DataError> {
     let text = read_text_file(path, MAX_DATA_FILE_BYTES)?;
@@ -138,6 +142,16 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
 
 /// Parses `text` as the contents of the file `path` (which is only used for detection by extension and messages).
 pub fn parse_records(path: &Path, text: &str, opts: &ReadOptions) -> Result<Records, DataError> {
+    parse_records_at_most(path, text, opts, MAX_RECORDS)
+}
+
+/// [`parse_records`] refusing a file of more than `max_records` records.
+fn parse_records_at_most(
+    path: &Path,
+    text: &str,
+    opts: &ReadOptions,
+    max_records: usize,
+) -> Result<Records, DataError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let file_error = |line: Option<usize>, message: String| DataError::File { path: path.to_path_buf(), line, message };
     let first = text.bytes().find(|b| !b.is_ascii_whitespace());
@@ -150,18 +164,19 @@ pub fn parse_records(path: &Path, text: &str, opts: &ReadOptions) -> Result<Reco
             Layout::JsonLines
         }
     });
-    let raw = match layout {
-        Layout::JsonArray => parse_json_array(path, text)?,
-        Layout::JsonLines => parse_json_lines(path, text),
-    };
-    if raw.is_empty() {
-        return Err(file_error(None, "the file holds no records".into()));
-    }
-
+    // Each record is checked as it is parsed: the parsed JSON of the whole file is never held at once.
     let mut schema = opts.schema;
-    let mut records = Vec::with_capacity(raw.len());
+    let mut records = Vec::new();
     let mut skipped = Vec::new();
-    for (line, value) in raw {
+    let mut count = 0usize;
+    let mut each = |(line, value): RawRecord| -> Result<(), DataError> {
+        count += 1;
+        if count > max_records {
+            let message = format!(
+                "more than {max_records} records (the limit, MAX_RECORDS): split the file into smaller ones or sample it"
+            );
+            return Err(file_error(Some(line), message));
+        }
         let checked = value.and_then(|v| {
             if schema.is_none() {
                 if let Value::Object(obj) = &v {
@@ -180,6 +195,14 @@ pub fn parse_records(path: &Path, text: &str, opts: &ReadOptions) -> Result<Reco
             Err(e) if opts.skip_bad && e.is_record() => skipped.push(e),
             Err(e) => return Err(e),
         }
+        Ok(())
+    };
+    match layout {
+        Layout::JsonArray => parse_json_array(path, text, &mut each)?,
+        Layout::JsonLines => parse_json_lines(path, text, &mut each)?,
+    }
+    if count == 0 {
+        return Err(file_error(None, "the file holds no records".into()));
     }
     let Some(schema) = schema.filter(|_| !records.is_empty()) else {
         let first = skipped.first().map(|e| format!("; the first: {e}")).unwrap_or_default();
@@ -191,15 +214,18 @@ pub fn parse_records(path: &Path, text: &str, opts: &ReadOptions) -> Result<Reco
 /// A parsed JSON value (or why it is not one) with the line where it starts.
 type RawRecord = (usize, Result<Value, DataError>);
 
-fn parse_json_lines(path: &Path, text: &str) -> Vec<RawRecord> {
-    let mut out = Vec::new();
+/// What receives each [`RawRecord`] of a file.
+type Each<'a> = &'a mut dyn FnMut(RawRecord) -> Result<(), DataError>;
+
+/// Calls `each` on the records of JSON lines, in order; stops at its first error.
+fn parse_json_lines(path: &Path, text: &str, each: Each<'_>) -> Result<(), DataError> {
     for (i, line) in text.split('\n').enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
             continue;
         }
         if line.len() > MAX_RECORD_BYTES {
-            out.push((i + 1, Err(too_large(path, i + 1, line.len()))));
+            each((i + 1, Err(too_large(path, i + 1, line.len()))))?;
             continue;
         }
         let value = serde_json::from_str::<Value>(line).map_err(|e| DataError::Record {
@@ -208,9 +234,9 @@ fn parse_json_lines(path: &Path, text: &str) -> Vec<RawRecord> {
             column: Some(e.column()),
             problem: format!("invalid JSON: {}", json_message(&e)),
         });
-        out.push((i + 1, value));
+        each((i + 1, value))?;
     }
-    out
+    Ok(())
 }
 
 /// Where a scan of the text stands, with its 1-based line and the byte where that line starts.
@@ -249,7 +275,7 @@ impl Cursor<'_> {
 
 /// The elements of a JSON array, each with the line where it starts. Invalid JSON fails the whole file (there is no
 /// telling where the next element starts), with the line and column of the fault.
-fn parse_json_array(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError> {
+fn parse_json_array(path: &Path, text: &str, each: Each<'_>) -> Result<(), DataError> {
     let at = |line: usize, column: usize, problem: String| DataError::Record {
         path: path.to_path_buf(),
         line,
@@ -262,12 +288,12 @@ fn parse_json_array(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError
         return Err(at(cur.line, cur.column(), "expected a JSON array of records (`[`)".into()));
     }
     cur.advance_to(cur.pos + 1);
-    let mut out = Vec::new();
+    let mut empty = true;
     loop {
         cur.skip_whitespace();
         match cur.peek() {
             None => return Err(at(cur.line, cur.column(), "the file ends inside the array".into())),
-            Some(b']') if out.is_empty() => {
+            Some(b']') if empty => {
                 cur.advance_to(cur.pos + 1);
                 break;
             }
@@ -280,7 +306,8 @@ fn parse_json_array(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError
             Some(Ok(v)) => {
                 let len = stream.byte_offset();
                 cur.advance_to(cur.pos + len);
-                out.push((line, if len > MAX_RECORD_BYTES { Err(too_large(path, line, len)) } else { Ok(v) }));
+                empty = false;
+                each((line, if len > MAX_RECORD_BYTES { Err(too_large(path, line, len)) } else { Ok(v) }))?;
             }
             Some(Err(e)) => {
                 // The error's position is relative to the element's start.
@@ -308,7 +335,7 @@ fn parse_json_array(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError
     if cur.peek().is_some() {
         return Err(at(cur.line, cur.column(), "unexpected characters after the array".into()));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A record past [`MAX_RECORD_BYTES`].
@@ -411,4 +438,24 @@ fn chat_record(v: &Value) -> Result<Record, String> {
         out.push(Message { role, content });
     }
     Ok(Record::Chat(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_past_max_records_is_refused_at_the_first_record_past_it() {
+        let text = "{\"instruction\": \"i\", \"output\": \"a\"}\n".repeat(4);
+        let opts = ReadOptions { skip_bad: true, ..ReadOptions::default() };
+        assert_eq!(parse_records_at_most(Path::new("d.jsonl"), &text, &opts, 4).unwrap().records.len(), 4);
+        let e = parse_records_at_most(Path::new("d.jsonl"), &text, &opts, 3).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "d.jsonl:4: more than 3 records (the limit, MAX_RECORDS): split the file into smaller ones or sample it"
+        );
+        let array = format!("[{}]", ["{\"instruction\": \"i\", \"output\": \"a\"}"; 4].join(",\n"));
+        let e = parse_records_at_most(Path::new("d.json"), &array, &opts, 3).unwrap_err().to_string();
+        assert!(e.starts_with("d.json:4: more than 3 records"), "{e}");
+    }
 }
