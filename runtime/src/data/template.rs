@@ -104,14 +104,12 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.set_fuel(Some(TEMPLATE_FUEL));
-        env.set_recursion_limit(MAX_TEMPLATE_RECURSION);
+        apply_limits(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
         });
         env.add_filter("tojson", tojson);
-        env.add_filter("indent", indent);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|e| DataError::Template(at(origin, &describe(&e))))?;
         Ok(ChatTemplate { env: Box::new(env), special: special.clone(), origin: origin.map(Path::to_path_buf) })
@@ -195,6 +193,16 @@ impl ChatTemplate {
         }
         Ok(Rendered { text, responses })
     }
+}
+
+/// Bounds what a template rendered in `env` may cost: [`TEMPLATE_FUEL`] instructions, [`MAX_TEMPLATE_RECURSION`]
+/// levels, an `indent` filter that refuses widths past 1024 or results past [`MAX_TEMPLATE_OUTPUT`]. For every
+/// minijinja environment that renders a downloaded template (the output itself is bounded by rendering into a
+/// capped writer, as [`ChatTemplate::render`] does). An out-of-fuel error has the kind `ErrorKind::OutOfFuel`.
+pub fn apply_limits(env: &mut Environment<'_>) {
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_recursion_limit(MAX_TEMPLATE_RECURSION);
+    env.add_filter("indent", indent);
 }
 
 /// The message `m` of the template read from `origin`: `path: m`.
