@@ -1118,3 +1118,21 @@ fn the_data_report_accounts_for_every_record() {
         "{line}"
     );
 }
+
+#[test]
+fn text_from_files_is_escaped_in_messages() {
+    use runtime::data::reader::parse_records;
+    let line = r#"{"messages": [{"role": "\u001b[2Jroot", "content": "x"}]}"#;
+    let e = parse_records(Path::new("c.jsonl"), line, &ReadOptions::default()).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "c.jsonl:1: field \"messages[0].role\": unknown role \"\\u{1b}[2Jroot\" (expected \"system\", \"user\" or \
+         \"assistant\")"
+    );
+    let keys = r#"{"a\nb": 1}"#;
+    let e = parse_records(Path::new("k.jsonl"), keys, &ReadOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("its keys are [\"a\\nb\"]"), "{e}");
+    let (_dir, path) = config_with_template("{{ raise_exception('\x1b[2Jgone' ~ 'x' * 1000) }}");
+    let e = template_from(&path).unwrap().render(&hi(), false).unwrap_err().to_string();
+    assert!(e.contains("\\u{1b}[2Jgone") && !e.contains('\x1b') && e.len() < 600, "{e}");
+}

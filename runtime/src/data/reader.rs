@@ -365,7 +365,10 @@ fn detect_schema(obj: &Map<String, Value>) -> Result<Schema, String> {
     } else if obj.contains_key("instruction") || obj.contains_key("output") {
         Ok(Schema::Alpaca)
     } else {
-        let keys: Vec<String> = obj.keys().map(|k| format!("\"{k}\"")).collect();
+        let mut keys: Vec<String> = obj.keys().take(16).map(|k| format!("\"{}\"", ir::untrusted::show(k))).collect();
+        if obj.len() > 16 {
+            keys.push(format!("… {} keys in all", obj.len()));
+        }
         Err(format!(
             "cannot tell the data format: the first record has neither \"messages\" (chat) nor \"instruction\" and \
              \"output\" (Alpaca); its keys are [{}]",
@@ -431,7 +434,8 @@ fn chat_record(v: &Value) -> Result<Record, String> {
         let role = string(m, "role", &role_field)?;
         let Some(role) = Role::parse(&role) else {
             return Err(format!(
-                "field \"{role_field}\": unknown role \"{role}\" (expected \"system\", \"user\" or \"assistant\")"
+                "field \"{role_field}\": unknown role \"{}\" (expected \"system\", \"user\" or \"assistant\")",
+                ir::untrusted::show(&role)
             ));
         };
         let content = string(m, "content", &format!("messages[{i}].content"))?;

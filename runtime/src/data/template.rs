@@ -107,7 +107,7 @@ impl ChatTemplate {
         apply_limits(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, ir::untrusted::show(&message)))
         });
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())

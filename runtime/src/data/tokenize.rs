@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ir::untrusted::show;
 use serde_json::Value;
 
 use super::error::DataError;
@@ -158,12 +159,14 @@ impl TextTokenizer {
             let id = t
                 .inner
                 .token_to_id(token)
-                .ok_or_else(|| bad(format!("no {what} token {token:?} in the vocabulary")))?;
+                .ok_or_else(|| bad(format!("no {what} token \"{}\" in the vocabulary", show(token))))?;
             let ids = t.encode(token)?.ids;
             if ids != [id] {
                 return Err(bad(format!(
-                    "the {what} token {token:?} (id {id}) is not recognised in text: it tokenizes as {ids:?}; it must \
-                     be an added (special) token"
+                    "the {what} token \"{}\" (id {id}) is not recognised in text: it tokenizes as {}; it must \
+                     be an added (special) token",
+                    show(token),
+                    show(&format!("{ids:?}"))
                 )));
             }
             Ok(id)
@@ -173,9 +176,10 @@ impl TextTokenizer {
             t.bos_id = Some(id(&t, "BOS", &bos)?);
         }
         t.pad_id = match t.special.pad.clone() {
-            Some(pad) => {
-                t.inner.token_to_id(&pad).ok_or_else(|| bad(format!("no pad token {pad:?} in the vocabulary")))?
-            }
+            Some(pad) => t
+                .inner
+                .token_to_id(&pad)
+                .ok_or_else(|| bad(format!("no pad token \"{}\" in the vocabulary", show(&pad))))?,
             None => t.eos_id,
         };
         Ok(t)
