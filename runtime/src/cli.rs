@@ -68,7 +68,7 @@ pub struct RunArgs {
     /// Held-out examples for the eval loss: a fraction (< 1) or a count.
     #[arg(long = "eval-split", default_value = "0.05")]
     pub eval_split: f64,
-    /// At most this many eval examples (after the split).
+    /// At most this many eval examples: the examples the split draws past it stay in training.
     #[arg(long = "max-eval", default_value_t = 64)]
     pub max_eval: usize,
     #[arg(long, value_enum, default_value = "auto")]
@@ -188,12 +188,10 @@ pub fn run(args: &RunArgs, compile: Option<CompileRecipe<'_>>) -> Result<(), Str
         }
         (Template::Alpaca, false) | (Template::Auto, false) => PromptFormat::Alpaca,
         (Template::Chat, _) | (Template::Auto, true) => {
-            let src = config.chat_template.as_deref().ok_or_else(|| {
+            let template = crate::data::ChatTemplate::from_config(&config).map_err(|e| format!("error: {e}"))?;
+            PromptFormat::Chat(template.ok_or_else(|| {
                 format!("error: {}: the tokenizer has no chat_template (use --template alpaca)", tok_dir.display())
-            })?;
-            PromptFormat::Chat(
-                crate::data::ChatTemplate::new(src, tokenizer.special()).map_err(|e| format!("error: {e}"))?,
-            )
+            })?)
         }
     };
     let opts = DatasetOptions {
@@ -202,15 +200,18 @@ pub fn run(args: &RunArgs, compile: Option<CompileRecipe<'_>>) -> Result<(), Str
         seq_len: t.seq_len as usize,
     };
     let mut ds = Dataset::build(records, &format, &tokenizer, &opts).map_err(|e| format!("error: {e}"))?;
-    eprintln!("data: {}", ds.report);
+    let vocab = crate::train::source::plan_vocab(&plan).map_err(|e| format!("error: {}: {e}", args.plan.display()))?;
+    ds.check_vocab(&tokenizer, vocab).map_err(|e| format!("error: {e}"))?;
     let split = if args.eval_split < 1.0 {
         EvalSplit::Fraction(args.eval_split)
     } else {
         EvalSplit::Count(args.eval_split as usize)
     };
-    let mut eval =
-        if args.eval_split > 0.0 { ds.split_eval(split, seed).map_err(|e| format!("error: {e}"))? } else { vec![] };
-    eval.truncate(args.max_eval);
+    let eval = if args.eval_split > 0.0 {
+        ds.split_eval_at_most(split, args.max_eval, seed).map_err(|e| format!("error: {e}"))?
+    } else {
+        vec![]
+    };
     let bopts = BatchOptions {
         micro_batch: t.micro_batch as usize,
         seq_len: t.seq_len as usize,
@@ -218,8 +219,9 @@ pub fn run(args: &RunArgs, compile: Option<CompileRecipe<'_>>) -> Result<(), Str
         shuffle: true,
         seed,
         pad_id: tokenizer.pad_id(),
+        vocab,
     };
-    eprintln!("data: {} training examples, {} held out for eval", ds.examples.len(), eval.len());
+    eprintln!("data: {}: {}", ds.report.path.display(), ds.report.partition(ds.examples.len(), eval.len()));
     let mut source = LoaderSource::new(ds.examples, &eval, bopts)?;
 
     let (mut cpu, mut interp, mut cuda);

@@ -595,7 +595,7 @@ fn three_examples() -> Vec<TokenizedExample> {
 }
 
 fn batch_opts(micro_batch: usize, seq_len: usize, packing: bool) -> BatchOptions {
-    BatchOptions { micro_batch, seq_len, packing, shuffle: false, seed: 0, pad_id: 0 }
+    BatchOptions { micro_batch, seq_len, packing, shuffle: false, seed: 0, pad_id: 0, vocab: 1 << 16 }
 }
 
 #[test]
@@ -650,7 +650,15 @@ fn padding_puts_one_example_per_row() {
 fn packed_real_batches_have_the_plan_shapes() {
     let t = tokenizer();
     let d = Dataset::load(&data("chat.jsonl"), &chatml(), &t, &opts(128)).unwrap();
-    let opts = BatchOptions { micro_batch: 2, seq_len: 128, packing: true, shuffle: true, seed: 3, pad_id: t.pad_id() };
+    let opts = BatchOptions {
+        micro_batch: 2,
+        seq_len: 128,
+        packing: true,
+        shuffle: true,
+        seed: 3,
+        pad_id: t.pad_id(),
+        vocab: t.vocab_size(),
+    };
     let mut l = TrainLoader::new(d.examples.clone(), opts).unwrap();
     let b = l.next_batch();
     assert_eq!((b.input_ids.len(), b.labels.len()), (256, 256));
@@ -686,7 +694,8 @@ fn varied_examples(n: usize) -> Vec<TokenizedExample> {
 
 #[test]
 fn shuffling_is_seeded_and_resumes_exactly() {
-    let opts = BatchOptions { micro_batch: 2, seq_len: 8, packing: true, shuffle: true, seed: 7, pad_id: 0 };
+    let opts =
+        BatchOptions { micro_batch: 2, seq_len: 8, packing: true, shuffle: true, seed: 7, pad_id: 0, vocab: 1 << 16 };
     let reference: Vec<Batch> = TrainLoader::new(varied_examples(11), opts).unwrap().take(14).collect();
     let again: Vec<Batch> = TrainLoader::new(varied_examples(11), opts).unwrap().take(14).collect();
     assert_eq!(reference, again);
@@ -758,8 +767,15 @@ fn eval_split_is_seeded_disjoint_and_batched_in_order() {
     assert!(eval.iter().all(|e| !d.examples.contains(e)));
     assert!(d.split_eval(EvalSplit::Count(1), 5).is_err());
     assert_eq!(d.examples.len(), 1, "a refused split keeps the examples");
-    let opts =
-        BatchOptions { micro_batch: 1, seq_len: 128, packing: false, shuffle: true, seed: 9, pad_id: t.pad_id() };
+    let opts = BatchOptions {
+        micro_batch: 1,
+        seq_len: 128,
+        packing: false,
+        shuffle: true,
+        seed: 9,
+        pad_id: t.pad_id(),
+        vocab: t.vocab_size(),
+    };
     let batches: Vec<Batch> = eval_batches(&eval, &opts).unwrap().collect();
     assert_eq!(batches.len(), 2);
     for (b, e) in batches.iter().zip(&eval) {
@@ -795,4 +811,328 @@ fn real_alpaca_en_demo_loads_all_999_records() {
         let d = Dataset::load(&path, &format, &t, &opts(4096)).unwrap();
         assert_eq!((d.report.records, d.report.skipped.len(), d.report.examples), (999, 0, 999), "{}", d.report);
     }
+}
+
+// ---- hostile inputs (issue 11) ----
+
+/// A temporary directory holding `tokenizer_config.json` (SmolLM2's special tokens) with `template` as its
+/// `chat_template`.
+fn config_with_template(template: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data("tokenizer_config.json")).unwrap())
+            .expect("tokenizer_config.json");
+    v["chat_template"] = serde_json::Value::from(template);
+    let path = dir.path().join("tokenizer_config.json");
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    (dir, path)
+}
+
+fn template_from(path: &Path) -> Result<ChatTemplate, DataError> {
+    Ok(ChatTemplate::from_config(&TokenizerConfig::load(path)?)?.expect("a chat template"))
+}
+
+fn hi() -> Vec<Message> {
+    vec![Message::new(Role::User, "Hi"), Message::new(Role::Assistant, "Hello")]
+}
+
+#[test]
+fn a_chat_template_that_loops_runs_out_of_fuel_naming_its_file() {
+    let (_dir, path) = config_with_template(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}{{ eos_token }}",
+    );
+    let t = template_from(&path).unwrap();
+    assert_eq!(t.origin(), Some(path.as_path()));
+    let start = std::time::Instant::now();
+    let e = t.render(&hi(), false).unwrap_err();
+    assert!(start.elapsed() < std::time::Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(matches!(e, DataError::TemplateLimit(_)), "{e:?}");
+    let e = e.to_string();
+    assert!(e.contains(&path.display().to_string()), "{e}");
+    assert!(e.contains("ran out of fuel after 10000000 instructions") && e.contains("may loop forever"), "{e}");
+
+    // In a dataset it is the template's fault, not a record's: skip_bad does not skip record after record.
+    let format = PromptFormat::Chat(t);
+    let o = DatasetOptions { read: ReadOptions { skip_bad: true, ..ReadOptions::default() }, ..opts(128) };
+    let e = Dataset::load(&data("chat.jsonl"), &format, &tokenizer(), &o).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}:1: chat template: {}", data("chat.jsonl").display(), path.display())), "{e}");
+}
+
+#[test]
+fn a_chat_template_writing_100_mb_is_refused() {
+    let (_dir, path) = config_with_template("{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}");
+    let e = template_from(&path).unwrap().render(&hi(), false).unwrap_err();
+    assert!(matches!(e, DataError::TemplateLimit(_)), "{e:?}");
+    assert!(e.to_string().contains("wrote more than 33554432 bytes"), "{e}");
+
+    // Filters that would allocate what the template asks for are bounded too.
+    let (_dir, path) = config_with_template("{{ 'a\nb' | indent(1000000000000) }}");
+    let e = template_from(&path).unwrap().render(&hi(), false).unwrap_err().to_string();
+    assert!(e.contains("indent: 1000000000000 spaces on 2 lines is past the limits"), "{e}");
+    let (_dir, path) = config_with_template("{{ ('\n' * 10000000) | indent(1000, blank=true) }}");
+    assert!(template_from(&path).unwrap().render(&hi(), false).is_err());
+    // The filter itself is minijinja's.
+    let (_dir, path) = config_with_template("{{ 'a\n\nb\n' | indent(2) }}|{{ 'a\nb' | indent(width=1, first=true) }}");
+    assert_eq!(template_from(&path).unwrap().render(&hi(), false).unwrap(), "a\n\n  b| a\n b");
+}
+
+#[test]
+fn chat_template_recursion_is_bounded_and_syntax_errors_name_the_file() {
+    let (_dir, path) = config_with_template("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
+    let e = template_from(&path).unwrap().render(&hi(), false).unwrap_err().to_string();
+    assert!(e.contains(&path.display().to_string()) && e.contains("recursion"), "{e}");
+
+    let (_dir, path) = config_with_template("{% for %}");
+    let e = template_from(&path).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("chat template: {}: syntax error", path.display())), "{e}");
+
+    // A template beside the config (chat_template.jinja) is named by its own file.
+    let dir = tempfile::tempdir().unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data("tokenizer_config.json")).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(dir.path().join("tokenizer_config.json"), v.to_string()).unwrap();
+    std::fs::write(dir.path().join("chat_template.jinja"), "{% if %}").unwrap();
+    let e = template_from(&dir.path().join("tokenizer_config.json")).unwrap_err().to_string();
+    assert!(e.contains(&dir.path().join("chat_template.jinja").display().to_string()), "{e}");
+}
+
+#[test]
+fn devices_fifos_and_directories_are_refused_before_reading() {
+    #[cfg(unix)]
+    {
+        let e = read_records(Path::new("/dev/zero"), &ReadOptions::default()).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "/dev/zero: not a regular file but a character device: tunec reads data, tokenizer and template files \
+             whole, and reading this may never end; copy it to a file first"
+        );
+        let e = TokenizerConfig::load(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("not a regular file but a character device"), "{e}");
+        let e = TextTokenizer::from_file(Path::new("/dev/urandom"), SpecialTokens::eos("x")).unwrap_err().to_string();
+        assert!(e.contains("not a regular file but a character device"), "{e}");
+
+        // A FIFO nobody writes to: opening it would block forever.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("data.jsonl");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+        if made {
+            let e = read_records(&fifo, &ReadOptions::default()).unwrap_err().to_string();
+            assert!(e.contains("not a regular file but a FIFO (named pipe)"), "{e}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let e = read_records(dir.path(), &ReadOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("not a regular file but a directory"), "{e}");
+}
+
+#[test]
+fn a_record_past_64_mib_is_a_bad_record() {
+    use runtime::data::reader::{parse_records, MAX_RECORD_BYTES};
+    let good = r#"{"instruction": "Name a colour.", "output": "Blue."}"#;
+    let huge = format!(r#"{{"instruction": "x", "output": "{}"}}"#, "y".repeat(MAX_RECORD_BYTES));
+    let path = Path::new("big.jsonl");
+    let text = format!("{good}\n{huge}\n{good}\n");
+    let e = parse_records(path, &text, &ReadOptions::default()).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "big.jsonl:2: the record is {} bytes, over the limit of 67108864 bytes (MAX_RECORD_BYTES); shorten it, \
+             or skip it with --skip-bad",
+            huge.len()
+        )
+    );
+    let r = parse_records(path, &text, &ReadOptions { skip_bad: true, ..ReadOptions::default() }).unwrap();
+    assert_eq!((r.records.len(), r.skipped.len()), (2, 1));
+    // An element of a JSON array too.
+    let text = format!("[\n{good},\n{huge}\n]");
+    let r = parse_records(Path::new("big.json"), &text, &ReadOptions { skip_bad: true, ..ReadOptions::default() });
+    let r = r.unwrap();
+    assert_eq!((r.records.len(), r.skipped.len()), (1, 1));
+    assert!(r.skipped[0].to_string().starts_with("big.json:3: the record is"), "{}", r.skipped[0]);
+}
+
+#[test]
+fn a_huge_record_is_cut_before_it_is_tokenized() {
+    use runtime::data::dataset::{max_text_bytes, MAX_BYTES_PER_TOKEN};
+    use runtime::data::reader::parse_records;
+    let t = tokenizer();
+    let seq_len = 128;
+    let words = |n: usize| "The quick brown fox jumps over the lazy dog. ".repeat(n);
+    let record = |output: &str| {
+        let line = serde_json::json!({"instruction": "Say something.", "output": output});
+        format!("{line}\n")
+    };
+    // 20 MB of output: only max_text_bytes(seq_len) of it is tokenized.
+    let huge = words(450_000);
+    assert!(huge.len() > 20_000_000);
+    let small = words(50);
+    let text = record(&huge) + &record(&small);
+    let start = std::time::Instant::now();
+    for (format, loss_on) in [(PromptFormat::Alpaca, LossOn::Responses), (chatml(), LossOn::AllTokens)] {
+        let records = parse_records(Path::new("huge.jsonl"), &text, &ReadOptions::default()).unwrap();
+        let o = DatasetOptions { loss_on, ..opts(seq_len) };
+        let d = Dataset::build(records, &format, &t, &o).unwrap();
+        assert_eq!(d.report.truncated, 2, "{}", d.report);
+        // The first seq_len tokens are those of the whole text (a shorter one with the same start shows them).
+        assert_eq!(d.examples[0], TokenizedExample { line: 1, ..d.examples[1].clone() });
+        assert_eq!(d.examples[0].len(), seq_len);
+    }
+    assert!(start.elapsed() < std::time::Duration::from_secs(10), "{:?}", start.elapsed());
+    assert_eq!(max_text_bytes(seq_len), seq_len * MAX_BYTES_PER_TOKEN);
+
+    // Cutting a record: its text in order up to the bound, at a character boundary; messages past it dropped.
+    let chat = Record::Chat(vec![
+        Message::new(Role::User, "héllo"),
+        Message::new(Role::Assistant, "world"),
+        Message::new(Role::User, "again"),
+    ]);
+    assert_eq!(chat.cut(100, 100), None);
+    assert_eq!(
+        chat.cut(8, 100),
+        Some(Record::Chat(vec![Message::new(Role::User, "héllo"), Message::new(Role::Assistant, "wo")]))
+    );
+    assert_eq!(chat.cut(2, 100), Some(Record::Chat(vec![Message::new(Role::User, "h")])));
+    assert_eq!(
+        chat.cut(100, 2),
+        Some(Record::Chat(vec![Message::new(Role::User, "héllo"), Message::new(Role::Assistant, "world")]))
+    );
+    let a = Record::Alpaca(AlpacaRecord { instruction: "abc".into(), input: "de".into(), output: "fgh".into() });
+    assert_eq!(
+        a.cut(6, 1),
+        Some(Record::Alpaca(AlpacaRecord { instruction: "abc".into(), input: "de".into(), output: "f".into() }))
+    );
+}
+
+/// The fixture tokenizer with `<|tool|>` added: an id past the vocabulary of a model built for the fixture.
+fn tokenizer_with_added_token(dir: &Path) -> (TextTokenizer, u32) {
+    let mut inner = tokenizers::Tokenizer::from_file(tokenizer_json()).unwrap();
+    inner.add_special_tokens(vec![tokenizers::AddedToken::from("<|tool|>", true)]).unwrap();
+    let id = inner.token_to_id("<|tool|>").unwrap();
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, inner.to_string(false).unwrap()).unwrap();
+    (TextTokenizer::from_file(&path, config().special).unwrap(), id)
+}
+
+#[test]
+fn token_ids_past_the_model_vocabulary_are_refused_naming_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, tool) = tokenizer_with_added_token(dir.path());
+    let vocab = tool as usize; // the model's: the tokenizer's before the added token
+    let data_path = dir.path().join("data.jsonl");
+    std::fs::write(
+        &data_path,
+        "{\"instruction\": \"Name a colour.\", \"output\": \"Blue.\"}\n\
+         {\"instruction\": \"Call a tool.\", \"output\": \"<|tool|> Blue.\"}\n",
+    )
+    .unwrap();
+    let d = Dataset::load(&data_path, &PromptFormat::Alpaca, &t, &opts(256)).unwrap();
+    let e = d.check_vocab(&t, vocab).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{}:2: token id {tool} \"<|tool|>\" (tokenizer {}) is outside the model's vocabulary of {vocab} (ids \
+             0..{vocab}): the tokenizer does not match the model: use the tokenizer of the model you train (--model \
+             or --tokenizer), or a plan compiled for this tokenizer's vocabulary",
+            data_path.display(),
+            dir.path().join("tokenizer.json").display()
+        )
+    );
+    d.check_vocab(&t, vocab + 1).unwrap();
+    // The pad token too.
+    let e = d.check_vocab(&t, 2).unwrap_err().to_string();
+    assert!(e.contains("the pad token \"<|im_end|>\" has id 2, outside the model's vocabulary of 2"), "{e}");
+
+    // The loader refuses them too, whatever backend its batches go to.
+    let bopts = BatchOptions {
+        micro_batch: 1,
+        seq_len: 256,
+        packing: true,
+        shuffle: false,
+        seed: 0,
+        pad_id: t.pad_id(),
+        vocab,
+    };
+    let e = TrainLoader::new(d.examples.clone(), bopts).err().unwrap().to_string();
+    assert!(e.contains(&format!("the example of line 2 holds token id {tool}, outside the model's vocabulary")), "{e}");
+    let e = eval_batches(&d.examples, &bopts).err().unwrap().to_string();
+    assert!(e.contains(&format!("holds token id {tool}")), "{e}");
+    TrainLoader::new(d.examples.clone(), BatchOptions { vocab: vocab + 1, ..bopts }).unwrap();
+}
+
+#[test]
+fn the_batch_check_covers_every_id_and_the_pad_id() {
+    // Labels are ids of the next token: the last token of an example is one too.
+    let bad = vec![example(7, &[1, 2, 50], &[false, true, true])];
+    let e = TrainLoader::new(bad, BatchOptions { vocab: 50, ..batch_opts(1, 4, false) }).err().unwrap().to_string();
+    assert!(e.contains("line 7 holds token id 50, outside the model's vocabulary of 50"), "{e}");
+    let e = TrainLoader::new(three_examples(), BatchOptions { pad_id: 40, vocab: 40, ..batch_opts(2, 6, true) });
+    let e = e.err().unwrap().to_string();
+    assert!(e.contains("the pad token id 40 is outside the model's vocabulary of 40"), "{e}");
+    TrainLoader::new(three_examples(), BatchOptions { pad_id: 39, vocab: 40, ..batch_opts(2, 6, true) }).unwrap();
+}
+
+#[test]
+fn a_capped_eval_split_keeps_the_rest_in_training() {
+    use runtime::data::split::split_eval_at_most;
+    let items: Vec<usize> = (0..2000).collect();
+    let (train, eval) = split_eval_at_most(items.clone(), EvalSplit::Fraction(0.05), 64, 3).unwrap();
+    assert_eq!((train.len(), eval.len()), (1936, 64));
+    let (_, uncapped) = split_eval(items.clone(), EvalSplit::Fraction(0.05), 3).unwrap();
+    assert_eq!(uncapped.len(), 100);
+    assert_eq!(eval[..], uncapped[..64], "the eval examples are those the uncapped split starts with");
+    assert!(uncapped[64..].iter().all(|i| train.contains(i)), "drawn past the cap: trained on");
+    let mut all: Vec<usize> = train.iter().chain(&eval).copied().collect();
+    all.sort();
+    assert_eq!(all, items, "every item is trained on or evaluated");
+    // Under the cap nothing changes.
+    assert_eq!(
+        split_eval_at_most(items.clone(), EvalSplit::Count(32), 64, 3).unwrap(),
+        split_eval(items, EvalSplit::Count(32), 3).unwrap()
+    );
+}
+
+#[test]
+fn the_data_report_accounts_for_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixed.jsonl");
+    let long = "zebra quagga okapi ".repeat(200);
+    let mut lines: Vec<String> = (0..4)
+        .map(|i| serde_json::json!({"instruction": format!("Count to {i}."), "output": "Blue."}).to_string())
+        .collect();
+    lines.push(serde_json::json!({"instruction": long, "output": "Blue."}).to_string());
+    lines.push("{\"instruction\": 3, \"output\": \"Blue.\"}".into());
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let o = DatasetOptions { read: ReadOptions { skip_bad: true, ..ReadOptions::default() }, ..opts(128) };
+    let mut d = Dataset::load(&path, &PromptFormat::Alpaca, &tokenizer(), &o).unwrap();
+    let eval = d.split_eval_at_most(EvalSplit::Fraction(0.5), 1, 0).unwrap();
+    let r = &d.report;
+    assert_eq!((r.total, d.examples.len(), eval.len(), r.dropped()), (6, 3, 1, 2));
+    assert_eq!(d.examples.len() + eval.len() + r.dropped(), r.total);
+    let line = r.partition(d.examples.len(), eval.len());
+    assert!(
+        line.starts_with(
+            "6 records → 3 train, 1 eval, 2 skipped (1 skipped as bad, 1 without target tokens within 128 tokens); \
+             1 truncated to 128 tokens;"
+        ),
+        "{line}"
+    );
+}
+
+#[test]
+fn text_from_files_is_escaped_in_messages() {
+    use runtime::data::reader::parse_records;
+    let line = r#"{"messages": [{"role": "\u001b[2Jroot", "content": "x"}]}"#;
+    let e = parse_records(Path::new("c.jsonl"), line, &ReadOptions::default()).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "c.jsonl:1: field \"messages[0].role\": unknown role \"\\u{1b}[2Jroot\" (expected \"system\", \"user\" or \
+         \"assistant\")"
+    );
+    let keys = r#"{"a\nb": 1}"#;
+    let e = parse_records(Path::new("k.jsonl"), keys, &ReadOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("its keys are [\"a\\nb\"]"), "{e}");
+    let (_dir, path) = config_with_template("{{ raise_exception('\x1b[2Jgone' ~ 'x' * 1000) }}");
+    let e = template_from(&path).unwrap().render(&hi(), false).unwrap_err().to_string();
+    assert!(e.contains("\\u{1b}[2Jgone") && !e.contains('\x1b') && e.len() < 600, "{e}");
 }

@@ -164,3 +164,38 @@ fn a_malformed_record_names_file_line_and_field_and_skip_bad_counts_it() {
     assert!(err.contains("1 skipped as bad"), "{err}");
     let _ = root();
 }
+
+/// A tokenizer with a token past the model's vocabulary (the tiny recipe's 128): the cpu backend's generated code
+/// indexes the embedding table unchecked, so the run must refuse the data before any step, naming the record.
+#[test]
+fn a_token_id_past_the_vocabulary_is_refused_naming_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tok");
+    tokenizer_dir(&tok);
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tok.join("tokenizer.json")).unwrap()).unwrap();
+    t["model"]["vocab"]["zebra"] = 200.into();
+    std::fs::write(tok.join("tokenizer.json"), t.to_string()).unwrap();
+    // A bare chat template, so that the token falls within the recipe's 8-token rows.
+    let cfg = serde_json::json!({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "chat_template": "{% for m in messages %}{{ m.content }} {% endfor %}"});
+    std::fs::write(tok.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let data = data(dir.path());
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text.push_str("{\"instruction\": \"zebra Give a tip.\", \"input\": \"\", \"output\": \"Sleep well.\"}\n");
+    std::fs::write(&data, text).unwrap();
+    let out = dir.path().join("o");
+    let (d, t, o) = (data.to_str().unwrap(), tok.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = run_args(d, t, o, "2");
+    args.extend(["--template", "chat"]);
+    let run = tunec(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{d}:6: token id 200 \"zebra\""))
+            && err.contains("outside the model's vocabulary of 128")
+            && err.contains("the tokenizer does not match the model"),
+        "{err}"
+    );
+    assert!(!out.join("metrics.jsonl").exists(), "no step ran");
+}

@@ -38,6 +38,10 @@ pub struct BatchOptions {
     pub seed: u64,
     /// Fills padded positions ([`super::TextTokenizer::pad_id`]).
     pub pad_id: u32,
+    /// The model's vocabulary: every token id (so every label) and `pad_id` must be below it, or the loader refuses
+    /// the examples. The plan's embedding rows and LM-head outputs, whichever is fewer
+    /// ([`crate::train::source::plan_vocab`]); the generated code indexes its tables with the ids unchecked.
+    pub vocab: usize,
 }
 
 /// Where a [`TrainLoader`] stands: the next batch starts at example `index` of epoch `epoch`'s order.
@@ -103,6 +107,13 @@ fn check(examples: &[TokenizedExample], opts: &BatchOptions) -> Result<(), DataE
     if opts.seq_len > i32::MAX as usize || opts.pad_id > i32::MAX as u32 {
         return Err(DataError::Invalid("seq_len and the pad id must fit an i32".into()));
     }
+    if opts.pad_id as usize >= opts.vocab {
+        return Err(DataError::Invalid(format!(
+            "the pad token id {} is outside the model's vocabulary of {} (ids 0..{}): the tokenizer does not match \
+             the model; use the model's own tokenizer",
+            opts.pad_id, opts.vocab, opts.vocab
+        )));
+    }
     for e in examples {
         if e.is_empty() || e.len() > opts.seq_len || e.targets.len() != e.len() {
             return Err(DataError::Invalid(format!(
@@ -116,6 +127,13 @@ fn check(examples: &[TokenizedExample], opts: &BatchOptions) -> Result<(), DataE
         }
         if let Some(id) = e.ids.iter().find(|id| **id > i32::MAX as u32) {
             return Err(DataError::Invalid(format!("token id {id} does not fit an i32")));
+        }
+        if let Some(id) = e.ids.iter().find(|id| **id as usize >= opts.vocab) {
+            return Err(DataError::Invalid(format!(
+                "the example of line {} holds token id {id}, outside the model's vocabulary of {} (ids 0..{}): the \
+                 tokenizer does not match the model; use the model's own tokenizer",
+                e.line, opts.vocab, opts.vocab
+            )));
         }
     }
     Ok(())

@@ -32,6 +32,10 @@ pub enum DataError {
     /// The chat template does not compile, or cannot be used the way asked.
     #[error("chat template: {0}")]
     Template(String),
+    /// The chat template went past a limit while rendering (`TEMPLATE_FUEL`, `MAX_TEMPLATE_OUTPUT`): the template, not
+    /// a record, is at fault, so `skip_bad` never skips it.
+    #[error("chat template: {0}")]
+    TemplateLimit(String),
     /// Options that do not fit together or the data (an eval split larger than the data, a zero batch size, ...).
     #[error("{0}")]
     Invalid(String),

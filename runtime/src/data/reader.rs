@@ -57,23 +57,101 @@ pub struct Records {
     pub skipped: Vec<DataError>,
 }
 
+/// The largest data file read (8 GiB). The file is read whole, then parsed; split a larger data set into several
+/// files, or sample it.
+pub const MAX_DATA_FILE_BYTES: u64 = 8 << 30;
+
+/// The largest record: one JSON line, or one element of a JSON array (64 MiB). A larger one is a bad record
+/// (skipped with `skip_bad`); training reads at most [`super::dataset::max_text_bytes`] of any record anyway.
+pub const MAX_RECORD_BYTES: usize = 64 << 20;
+
+/// The most records (good or bad) a file may hold: 16,777,216. Real instruction sets hold up to a few million; each
+/// record costs memory beyond its bytes, so a file of millions of tiny records must not exhaust it.
+pub const MAX_RECORDS: usize = 1 << 24;
+
 /// Reads and checks every record of `path`.
 pub fn read_records(path: &Path, opts: &ReadOptions) -> Result<Records, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    let text = match String::from_utf8(bytes) {
-        Ok(t) => t,
+    let text = read_text_file(path, MAX_DATA_FILE_BYTES)?;
+    parse_records(path, &text, opts)
+}
+
+/// The UTF-8 text of the regular file `path`, of at most `max` bytes. Devices (`/dev/zero`), FIFOs, sockets and
+/// directories are refused before they are opened (reading them may never end), as is a file past `max`.
+pub fn read_text_file(path: &Path, max: u64) -> Result<String, DataError> {
+    use std::io::Read as _;
+    let io = |source| DataError::Io { path: path.to_path_buf(), source };
+    let bad = |message: String| DataError::File { path: path.to_path_buf(), line: None, message };
+    let check = |meta: &std::fs::Metadata| -> Result<u64, DataError> {
+        if !meta.is_file() {
+            return Err(bad(format!(
+                "not a regular file but {}: tunec reads data, tokenizer and template files whole, and reading this \
+                 may never end; copy it to a file first",
+                file_kind(meta)
+            )));
+        }
+        if meta.len() > max {
+            return Err(bad(format!(
+                "the file is {} bytes, over the limit of {max} bytes: split it into smaller files or sample it",
+                meta.len()
+            )));
+        }
+        Ok(meta.len())
+    };
+    check(&std::fs::metadata(path).map_err(io)?)?;
+    let file = std::fs::File::open(path).map_err(io)?;
+    // The path may have been replaced between the two looks: check what was opened.
+    let len = check(&file.metadata().map_err(io)?)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > max {
+        return Err(bad(format!("the file grew past the limit of {max} bytes while it was read")));
+    }
+    match String::from_utf8(bytes) {
+        Ok(t) => Ok(t),
         Err(e) => {
             let valid = e.utf8_error().valid_up_to();
             let line = e.as_bytes()[..valid].iter().filter(|b| **b == b'\n').count() + 1;
             let message = format!("not valid UTF-8 (byte {valid})");
-            return Err(DataError::File { path: path.to_path_buf(), line: Some(line), message });
+            Err(DataError::File { path: path.to_path_buf(), line: Some(line), message })
         }
-    };
-    parse_records(path, &text, opts)
+    }
+}
+
+/// What a file that is not a regular one is, for messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        let t = meta.file_type();
+        if t.is_char_device() {
+            return "a character device";
+        } else if t.is_block_device() {
+            return "a block device";
+        } else if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        } else if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if meta.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
 }
 
 /// Parses `text` as the contents of the file `path` (which is only used for detection by extension and messages).
 pub fn parse_records(path: &Path, text: &str, opts: &ReadOptions) -> Result<Records, DataError> {
+    parse_records_at_most(path, text, opts, MAX_RECORDS)
+}
+
+/// [`parse_records`] refusing a file of more than `max_records` records.
+fn parse_records_at_most(
+    path: &Path,
+    text: &str,
+    opts: &ReadOptions,
+    max_records: usize,
+) -> Result<Records, DataError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let file_error = |line: Option<usize>, message: String| DataError::File { path: path.to_path_buf(), line, message };
     let first = text.bytes().find(|b| !b.is_ascii_whitespace());
@@ -86,18 +164,19 @@ pub fn parse_records(path: &Path, text: &str, opts: &ReadOptions) -> Result<Reco
             Layout::JsonLines
         }
     });
-    let raw = match layout {
-        Layout::JsonArray => parse_json_array(path, text)?,
-        Layout::JsonLines => parse_json_lines(path, text),
-    };
-    if raw.is_empty() {
-        return Err(file_error(None, "the file holds no records".into()));
-    }
-
+    // Each record is checked as it is parsed: the parsed JSON of the whole file is never held at once.
     let mut schema = opts.schema;
-    let mut records = Vec::with_capacity(raw.len());
+    let mut records = Vec::new();
     let mut skipped = Vec::new();
-    for (line, value) in raw {
+    let mut count = 0usize;
+    let mut each = |(line, value): RawRecord| -> Result<(), DataError> {
+        count += 1;
+        if count > max_records {
+            let message = format!(
+                "more than {max_records} records (the limit, MAX_RECORDS): split the file into smaller ones or sample it"
+            );
+            return Err(file_error(Some(line), message));
+        }
         let checked = value.and_then(|v| {
             if schema.is_none() {
                 if let Value::Object(obj) = &v {
@@ -116,6 +195,14 @@ pub fn parse_records(path: &Path, text: &str, opts: &ReadOptions) -> Result<Reco
             Err(e) if opts.skip_bad && e.is_record() => skipped.push(e),
             Err(e) => return Err(e),
         }
+        Ok(())
+    };
+    match layout {
+        Layout::JsonArray => parse_json_array(path, text, &mut each)?,
+        Layout::JsonLines => parse_json_lines(path, text, &mut each)?,
+    }
+    if count == 0 {
+        return Err(file_error(None, "the file holds no records".into()));
     }
     let Some(schema) = schema.filter(|_| !records.is_empty()) else {
         let first = skipped.first().map(|e| format!("; the first: {e}")).unwrap_or_default();
@@ -127,11 +214,18 @@ pub fn parse_records(path: &Path, text: &str, opts: &ReadOptions) -> Result<Reco
 /// A parsed JSON value (or why it is not one) with the line where it starts.
 type RawRecord = (usize, Result<Value, DataError>);
 
-fn parse_json_lines(path: &Path, text: &str) -> Vec<RawRecord> {
-    let mut out = Vec::new();
+/// What receives each [`RawRecord`] of a file.
+type Each<'a> = &'a mut dyn FnMut(RawRecord) -> Result<(), DataError>;
+
+/// Calls `each` on the records of JSON lines, in order; stops at its first error.
+fn parse_json_lines(path: &Path, text: &str, each: Each<'_>) -> Result<(), DataError> {
     for (i, line) in text.split('\n').enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
+            continue;
+        }
+        if line.len() > MAX_RECORD_BYTES {
+            each((i + 1, Err(too_large(path, i + 1, line.len()))))?;
             continue;
         }
         let value = serde_json::from_str::<Value>(line).map_err(|e| DataError::Record {
@@ -140,9 +234,9 @@ fn parse_json_lines(path: &Path, text: &str) -> Vec<RawRecord> {
             column: Some(e.column()),
             problem: format!("invalid JSON: {}", json_message(&e)),
         });
-        out.push((i + 1, value));
+        each((i + 1, value))?;
     }
-    out
+    Ok(())
 }
 
 /// Where a scan of the text stands, with its 1-based line and the byte where that line starts.
@@ -181,7 +275,7 @@ impl Cursor<'_> {
 
 /// The elements of a JSON array, each with the line where it starts. Invalid JSON fails the whole file (there is no
 /// telling where the next element starts), with the line and column of the fault.
-fn parse_json_array(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError> {
+fn parse_json_array(path: &Path, text: &str, each: Each<'_>) -> Result<(), DataError> {
     let at = |line: usize, column: usize, problem: String| DataError::Record {
         path: path.to_path_buf(),
         line,
@@ -194,12 +288,12 @@ fn parse_json_array(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError
         return Err(at(cur.line, cur.column(), "expected a JSON array of records (`[`)".into()));
     }
     cur.advance_to(cur.pos + 1);
-    let mut out = Vec::new();
+    let mut empty = true;
     loop {
         cur.skip_whitespace();
         match cur.peek() {
             None => return Err(at(cur.line, cur.column(), "the file ends inside the array".into())),
-            Some(b']') if out.is_empty() => {
+            Some(b']') if empty => {
                 cur.advance_to(cur.pos + 1);
                 break;
             }
@@ -210,9 +304,10 @@ fn parse_json_array(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError
         let mut stream = serde_json::Deserializer::from_str(&text[cur.pos..]).into_iter::<Value>();
         match stream.next() {
             Some(Ok(v)) => {
-                let end = cur.pos + stream.byte_offset();
-                cur.advance_to(end);
-                out.push((line, Ok(v)));
+                let len = stream.byte_offset();
+                cur.advance_to(cur.pos + len);
+                empty = false;
+                each((line, if len > MAX_RECORD_BYTES { Err(too_large(path, line, len)) } else { Ok(v) }))?;
             }
             Some(Err(e)) => {
                 // The error's position is relative to the element's start.
@@ -240,7 +335,19 @@ fn parse_json_array(path: &Path, text: &str) -> Result<Vec<RawRecord>, DataError
     if cur.peek().is_some() {
         return Err(at(cur.line, cur.column(), "unexpected characters after the array".into()));
     }
-    Ok(out)
+    Ok(())
+}
+
+/// A record past [`MAX_RECORD_BYTES`].
+fn too_large(path: &Path, line: usize, len: usize) -> DataError {
+    DataError::record(
+        path,
+        line,
+        format!(
+            "the record is {len} bytes, over the limit of {MAX_RECORD_BYTES} bytes (MAX_RECORD_BYTES); shorten it, or \
+             skip it with --skip-bad"
+        ),
+    )
 }
 
 /// serde_json's message without its " at line L column C" (we give the position ourselves).
@@ -258,7 +365,10 @@ fn detect_schema(obj: &Map<String, Value>) -> Result<Schema, String> {
     } else if obj.contains_key("instruction") || obj.contains_key("output") {
         Ok(Schema::Alpaca)
     } else {
-        let keys: Vec<String> = obj.keys().map(|k| format!("\"{k}\"")).collect();
+        let mut keys: Vec<String> = obj.keys().take(16).map(|k| format!("\"{}\"", ir::untrusted::show(k))).collect();
+        if obj.len() > 16 {
+            keys.push(format!("… {} keys in all", obj.len()));
+        }
         Err(format!(
             "cannot tell the data format: the first record has neither \"messages\" (chat) nor \"instruction\" and \
              \"output\" (Alpaca); its keys are [{}]",
@@ -324,11 +434,32 @@ fn chat_record(v: &Value) -> Result<Record, String> {
         let role = string(m, "role", &role_field)?;
         let Some(role) = Role::parse(&role) else {
             return Err(format!(
-                "field \"{role_field}\": unknown role \"{role}\" (expected \"system\", \"user\" or \"assistant\")"
+                "field \"{role_field}\": unknown role \"{}\" (expected \"system\", \"user\" or \"assistant\")",
+                ir::untrusted::show(&role)
             ));
         };
         let content = string(m, "content", &format!("messages[{i}].content"))?;
         out.push(Message { role, content });
     }
     Ok(Record::Chat(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_past_max_records_is_refused_at_the_first_record_past_it() {
+        let text = "{\"instruction\": \"i\", \"output\": \"a\"}\n".repeat(4);
+        let opts = ReadOptions { skip_bad: true, ..ReadOptions::default() };
+        assert_eq!(parse_records_at_most(Path::new("d.jsonl"), &text, &opts, 4).unwrap().records.len(), 4);
+        let e = parse_records_at_most(Path::new("d.jsonl"), &text, &opts, 3).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "d.jsonl:4: more than 3 records (the limit, MAX_RECORDS): split the file into smaller ones or sample it"
+        );
+        let array = format!("[{}]", ["{\"instruction\": \"i\", \"output\": \"a\"}"; 4].join(",\n"));
+        let e = parse_records_at_most(Path::new("d.json"), &array, &opts, 3).unwrap_err().to_string();
+        assert!(e.starts_with("d.json:4: more than 3 records"), "{e}");
+    }
 }

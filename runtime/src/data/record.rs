@@ -85,3 +85,57 @@ pub struct SourceRecord {
     pub line: usize,
     pub record: Record,
 }
+
+/// The first `max` bytes of `s`, cut back to a character boundary.
+pub fn cut_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut i = max;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    &s[..i]
+}
+
+impl Record {
+    /// The record with at most `max_bytes` bytes of text (its fields or message contents in order, the one crossing
+    /// the bound cut at a character boundary, the ones after it empty or dropped) and at most `max_messages`
+    /// messages; `None` when it already fits. Training reads only the start of a record, so a huge one is cut before
+    /// it is rendered and tokenized, which then cost time and memory bounded by `max_bytes`.
+    pub fn cut(&self, max_bytes: usize, max_messages: usize) -> Option<Record> {
+        let take = |s: &str, left: &mut usize| -> String {
+            let kept = cut_str(s, *left);
+            *left -= kept.len();
+            kept.to_string()
+        };
+        let mut left = max_bytes;
+        match self {
+            Record::Alpaca(a) => {
+                if a.instruction.len().saturating_add(a.input.len()).saturating_add(a.output.len()) <= max_bytes {
+                    return None;
+                }
+                let instruction = take(&a.instruction, &mut left);
+                let input = take(&a.input, &mut left);
+                let output = take(&a.output, &mut left);
+                Some(Record::Alpaca(AlpacaRecord { instruction, input, output }))
+            }
+            Record::Chat(messages) => {
+                let bytes = messages.iter().fold(0usize, |n, m| n.saturating_add(m.content.len()));
+                if bytes <= max_bytes && messages.len() <= max_messages {
+                    return None;
+                }
+                let mut out = Vec::new();
+                for m in messages.iter().take(max_messages.max(1)) {
+                    let content = take(&m.content, &mut left);
+                    let cut = content.len() < m.content.len();
+                    out.push(Message { role: m.role, content });
+                    if cut || left == 0 {
+                        break;
+                    }
+                }
+                Some(Record::Chat(out))
+            }
+        }
+    }
+}

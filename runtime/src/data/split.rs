@@ -40,14 +40,27 @@ impl EvalSplit {
 
 /// Splits `items` into (train, eval): which items are eval is drawn with `seed`; both keep their input order.
 pub fn split_eval<T>(items: Vec<T>, split: EvalSplit, seed: u64) -> Result<(Vec<T>, Vec<T>), DataError> {
+    split_eval_at_most(items, split, usize::MAX, seed)
+}
+
+/// [`split_eval`] holding out at most `max_eval` items: of the items `split` draws, the first `max_eval` in input
+/// order are eval and the others stay in training (none is dropped: `train.len() + eval.len() == items.len()`).
+/// The eval items are those [`split_eval`]'s eval list starts with.
+pub fn split_eval_at_most<T>(
+    items: Vec<T>,
+    split: EvalSplit,
+    max_eval: usize,
+    seed: u64,
+) -> Result<(Vec<T>, Vec<T>), DataError> {
     let k = split.count(items.len())?;
     let mut is_eval = vec![false; items.len()];
     for &i in &permutation(items.len(), derive_seed(seed, EVAL_STREAM, 0))[..k] {
         is_eval[i as usize] = true;
     }
+    let k = k.min(max_eval);
     let (mut train, mut eval) = (Vec::with_capacity(items.len() - k), Vec::with_capacity(k));
     for (item, e) in items.into_iter().zip(is_eval) {
-        if e {
+        if e && eval.len() < k {
             eval.push(item);
         } else {
             train.push(item);
@@ -61,6 +74,20 @@ impl Dataset {
     pub fn split_eval(&mut self, split: EvalSplit, seed: u64) -> Result<Vec<TokenizedExample>, DataError> {
         split.count(self.examples.len())?;
         let (train, eval) = split_eval(std::mem::take(&mut self.examples), split, seed)?;
+        self.examples = train;
+        Ok(eval)
+    }
+
+    /// [`Dataset::split_eval`] holding out at most `max_eval` examples ([`split_eval_at_most`]): the examples the
+    /// split draws past `max_eval` stay in training.
+    pub fn split_eval_at_most(
+        &mut self,
+        split: EvalSplit,
+        max_eval: usize,
+        seed: u64,
+    ) -> Result<Vec<TokenizedExample>, DataError> {
+        split.count(self.examples.len())?;
+        let (train, eval) = split_eval_at_most(std::mem::take(&mut self.examples), split, max_eval, seed)?;
         self.examples = train;
         Ok(eval)
     }

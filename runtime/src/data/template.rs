@@ -4,9 +4,14 @@
 //! `tools` and `documents` none). `strftime_now` and the `{% generation %}` tag are not provided.
 //!
 //! [`render`] gives the text of a record and the byte ranges of its responses (what response-only loss trains on).
+//!
+//! A chat template comes with a downloaded model and is a program: one rendering runs at most [`TEMPLATE_FUEL`]
+//! instructions, writes at most [`MAX_TEMPLATE_OUTPUT`] bytes and nests at most [`MAX_TEMPLATE_RECURSION`] deep; a
+//! template past a limit is refused ([`DataError::TemplateLimit`], naming the file it came from), never run on.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use minijinja::value::{Enumerator, Kwargs, Object, Value, ValueKind};
@@ -49,10 +54,27 @@ pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
     out
 }
 
+/// Instructions one rendering of a chat template may run (minijinja's fuel): ample for real templates (SmolLM2's
+/// ChatML runs about 20 per message), and spent within a fraction of a second by one that loops without end.
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
+
+/// Bytes one rendering of a chat template may write. Records are cut to [`super::dataset::max_text_bytes`] (a few
+/// MiB at most for real sequence lengths) before rendering, so a real template stays far below.
+pub const MAX_TEMPLATE_OUTPUT: usize = 32 << 20;
+
+/// How deep loops, conditions, macros and includes of a chat template may nest (minijinja's recursion limit,
+/// whose own default and maximum is 500).
+pub const MAX_TEMPLATE_RECURSION: usize = 100;
+
+/// Indentation widths the `indent` filter takes (minijinja's own allocates whatever width a template asks for).
+const MAX_INDENT: usize = 1024;
+
 /// A compiled HF chat template.
 pub struct ChatTemplate {
     env: Box<Environment<'static>>,
     special: SpecialTokens,
+    /// The file the template came from (`tokenizer_config.json`, `chat_template.jinja`), for messages.
+    origin: Option<PathBuf>,
 }
 
 const TEMPLATE_NAME: &str = "chat_template";
@@ -67,16 +89,35 @@ impl std::fmt::Debug for ChatTemplate {
 impl ChatTemplate {
     /// Compiles `source`; `special` fills `bos_token`, `eos_token`, `pad_token`, `unk_token` (those present).
     pub fn new(source: &str, special: &SpecialTokens) -> Result<ChatTemplate, DataError> {
+        ChatTemplate::compile(source, special, None)
+    }
+
+    /// The chat template of a tokenizer config ([`super::TokenizerConfig::chat_template`]), compiled once; its
+    /// errors name the file it came from. `None` when the config has none.
+    pub fn from_config(config: &super::TokenizerConfig) -> Result<Option<ChatTemplate>, DataError> {
+        let Some(source) = config.chat_template.as_deref() else { return Ok(None) };
+        ChatTemplate::compile(source, &config.special, config.chat_template_path.as_deref()).map(Some)
+    }
+
+    /// Compiles `source` read from `origin`.
+    pub fn compile(source: &str, special: &SpecialTokens, origin: Option<&Path>) -> Result<ChatTemplate, DataError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        apply_limits(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, ir::untrusted::show(&message)))
         });
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| DataError::Template(describe(&e)))?;
-        Ok(ChatTemplate { env: Box::new(env), special: special.clone() })
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(|e| DataError::Template(at(origin, &describe(&e))))?;
+        Ok(ChatTemplate { env: Box::new(env), special: special.clone(), origin: origin.map(Path::to_path_buf) })
+    }
+
+    /// The file the template came from, if known.
+    pub fn origin(&self) -> Option<&Path> {
+        self.origin.as_deref()
     }
 
     /// The template's text for `messages`; with `add_generation_prompt`, followed by what opens an assistant turn.
@@ -100,8 +141,32 @@ impl ChatTemplate {
                 ctx.insert(key, Value::from(t.as_str()));
             }
         }
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| DataError::Template(describe(&e)))?;
-        template.render(Value::from(ctx)).map_err(|e| DataError::Template(describe(&e)))
+        let origin = self.origin.as_deref();
+        let template =
+            self.env.get_template(TEMPLATE_NAME).map_err(|e| DataError::Template(at(origin, &describe(&e))))?;
+        let mut out = CappedWriter { bytes: Vec::new(), over: false };
+        if let Err(e) = template.render_captured_to(Value::from(ctx), &mut out) {
+            return Err(if out.over {
+                DataError::TemplateLimit(at(
+                    origin,
+                    &format!(
+                        "the chat template wrote more than {MAX_TEMPLATE_OUTPUT} bytes for one conversation (the \
+                         limit, MAX_TEMPLATE_OUTPUT): it may be hostile or broken; fix or replace it"
+                    ),
+                ))
+            } else if e.kind() == ErrorKind::OutOfFuel {
+                DataError::TemplateLimit(at(
+                    origin,
+                    &format!(
+                        "the chat template ran out of fuel after {TEMPLATE_FUEL} instructions (the limit, \
+                         TEMPLATE_FUEL): it may loop forever; fix or replace it"
+                    ),
+                ))
+            } else {
+                DataError::Template(at(origin, &describe(&e)))
+            });
+        }
+        String::from_utf8(out.bytes).map_err(|_| DataError::Template(at(origin, "the rendered text is not UTF-8")))
     }
 
     /// The text of a chat and the byte range of each assistant turn in it: from the end of the chat before the turn
@@ -128,6 +193,101 @@ impl ChatTemplate {
         }
         Ok(Rendered { text, responses })
     }
+}
+
+/// Bounds what a template rendered in `env` may cost: [`TEMPLATE_FUEL`] instructions, [`MAX_TEMPLATE_RECURSION`]
+/// levels, an `indent` filter that refuses widths past 1024 or results past [`MAX_TEMPLATE_OUTPUT`]. For every
+/// minijinja environment that renders a downloaded template (the output itself is bounded by rendering into a
+/// capped writer, as [`ChatTemplate::render`] does). An out-of-fuel error has the kind `ErrorKind::OutOfFuel`.
+pub fn apply_limits(env: &mut Environment<'_>) {
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_recursion_limit(MAX_TEMPLATE_RECURSION);
+    env.add_filter("indent", indent);
+}
+
+/// The message `m` of the template read from `origin`: `path: m`.
+fn at(origin: Option<&Path>, m: &str) -> String {
+    match origin {
+        Some(p) => format!("{}: {m}", p.display()),
+        None => m.to_string(),
+    }
+}
+
+/// The rendered text, refusing to grow past [`MAX_TEMPLATE_OUTPUT`] (`over` says the render failed for that).
+struct CappedWriter {
+    bytes: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > MAX_TEMPLATE_OUTPUT {
+            self.over = true;
+            return Err(std::io::Error::other("the chat template's output is over its limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// minijinja's `indent` filter (same arguments and result) refusing a width past [`MAX_INDENT`] or a result past
+/// [`MAX_TEMPLATE_OUTPUT`] before allocating it (minijinja's own allocates whatever a template asks for).
+fn indent(
+    value: String,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: Kwargs,
+) -> Result<String, minijinja::Error> {
+    let width = match width {
+        Some(w) => w,
+        None => kwargs.get::<Option<usize>>("width")?.unwrap_or(4),
+    };
+    let first = match first {
+        Some(f) => f,
+        None => kwargs.get::<Option<bool>>("first")?.unwrap_or(false),
+    };
+    let blank = match blank {
+        Some(b) => b,
+        None => kwargs.get::<Option<bool>>("blank")?.unwrap_or(false),
+    };
+    kwargs.assert_all_used()?;
+    let lines = value.bytes().filter(|b| *b == b'\n').count() + 1;
+    let size = lines.checked_mul(width).and_then(|n| n.checked_add(value.len()));
+    if width > MAX_INDENT || size.is_none_or(|n| n > MAX_TEMPLATE_OUTPUT) {
+        let msg = format!(
+            "indent: {width} spaces on {lines} lines is past the limits (a width of at most {MAX_INDENT}, a result \
+             of at most {MAX_TEMPLATE_OUTPUT} bytes)"
+        );
+        return Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg));
+    }
+    let strip = |s: &str| -> usize {
+        let s = s.strip_suffix('\n').unwrap_or(s);
+        s.strip_suffix('\r').unwrap_or(s).len()
+    };
+    let input = &value[..strip(&value)];
+    let pad = " ".repeat(width);
+    let mut out = String::with_capacity(input.len() + lines * width);
+    let mut it = input.split('\n');
+    if !first {
+        out.push_str(it.next().unwrap_or_default());
+        out.push('\n');
+    }
+    for line in it {
+        if !line.is_empty() {
+            out.push_str(&pad);
+            out.push_str(line);
+        } else if blank {
+            out.push_str(&pad);
+        }
+        out.push('\n');
+    }
+    out.truncate(strip(&out));
+    Ok(out)
 }
 
 /// A message as templates see it: a map with the keys `role` and `content`, in that order (as a Python dict built

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ir::untrusted::show;
 use serde_json::Value;
 
 use super::error::DataError;
@@ -30,12 +31,20 @@ impl SpecialTokens {
     }
 }
 
+/// The largest `tokenizer_config.json` or `chat_template.jinja` read (real ones are a few KiB to a few hundred).
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
+
+/// The largest `tokenizer.json` read (real ones are up to a few tens of MiB: Gemma's 256k vocabulary is 33 MiB).
+pub const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
+
 /// What the pipeline takes from an HF `tokenizer_config.json`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenizerConfig {
     pub special: SpecialTokens,
     /// The Jinja `chat_template`, if the model has one.
     pub chat_template: Option<String>,
+    /// The file `chat_template` was read from (`tokenizer_config.json` or `chat_template.jinja`), for messages.
+    pub chat_template_path: Option<PathBuf>,
 }
 
 impl TokenizerConfig {
@@ -44,8 +53,7 @@ impl TokenizerConfig {
     /// "default" is taken). Without a `chat_template` key, a `chat_template.jinja` beside the file is used (newer
     /// transformers save it there).
     pub fn load(path: &Path) -> Result<TokenizerConfig, DataError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+        let text = super::reader::read_text_file(path, MAX_CONFIG_BYTES)?;
         let bad = |message: String| DataError::File { path: path.to_path_buf(), line: None, message };
         let v: Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         let token = |key: &str| -> Result<Option<String>, DataError> {
@@ -62,13 +70,17 @@ impl TokenizerConfig {
         let Some(eos) = token("eos_token")? else { return Err(bad("no \"eos_token\"".into())) };
         let special =
             SpecialTokens { bos: token("bos_token")?, eos, pad: token("pad_token")?, unk: token("unk_token")? };
+        let mut chat_template_path = Some(path.to_path_buf());
         let chat_template = match v.get("chat_template") {
             None | Some(Value::Null) => {
                 let beside = path.with_file_name("chat_template.jinja");
-                match std::fs::read_to_string(&beside) {
-                    Ok(t) => Some(t),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                    Err(source) => return Err(DataError::Io { path: beside, source }),
+                match super::reader::read_text_file(&beside, MAX_CONFIG_BYTES) {
+                    Ok(t) => {
+                        chat_template_path = Some(beside);
+                        Some(t)
+                    }
+                    Err(DataError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(e),
                 }
             }
             Some(Value::String(s)) => Some(s.clone()),
@@ -83,7 +95,8 @@ impl TokenizerConfig {
             }
             Some(_) => return Err(bad("field \"chat_template\": expected a string or a list".into())),
         };
-        Ok(TokenizerConfig { special, chat_template })
+        let chat_template_path = chat_template_path.filter(|_| chat_template.is_some());
+        Ok(TokenizerConfig { special, chat_template, chat_template_path })
     }
 }
 
@@ -119,7 +132,8 @@ impl TextTokenizer {
     /// Loads `tokenizer.json` at `path`; each special token must be one token of it, recognised in text.
     pub fn from_file(path: &Path, special: SpecialTokens) -> Result<TextTokenizer, DataError> {
         let bad = |message: String| DataError::Tokenizer { path: path.to_path_buf(), message };
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
+        let json = super::reader::read_text_file(path, MAX_TOKENIZER_BYTES)?;
+        let inner: tokenizers::Tokenizer = json.parse().map_err(|e: tokenizers::Error| bad(e.to_string()))?;
         TextTokenizer::new(inner, path, special)
     }
 
@@ -145,12 +159,14 @@ impl TextTokenizer {
             let id = t
                 .inner
                 .token_to_id(token)
-                .ok_or_else(|| bad(format!("no {what} token {token:?} in the vocabulary")))?;
+                .ok_or_else(|| bad(format!("no {what} token \"{}\" in the vocabulary", show(token))))?;
             let ids = t.encode(token)?.ids;
             if ids != [id] {
                 return Err(bad(format!(
-                    "the {what} token {token:?} (id {id}) is not recognised in text: it tokenizes as {ids:?}; it must \
-                     be an added (special) token"
+                    "the {what} token \"{}\" (id {id}) is not recognised in text: it tokenizes as {}; it must \
+                     be an added (special) token",
+                    show(token),
+                    show(&format!("{ids:?}"))
                 )));
             }
             Ok(id)
@@ -160,9 +176,10 @@ impl TextTokenizer {
             t.bos_id = Some(id(&t, "BOS", &bos)?);
         }
         t.pad_id = match t.special.pad.clone() {
-            Some(pad) => {
-                t.inner.token_to_id(&pad).ok_or_else(|| bad(format!("no pad token {pad:?} in the vocabulary")))?
-            }
+            Some(pad) => t
+                .inner
+                .token_to_id(&pad)
+                .ok_or_else(|| bad(format!("no pad token \"{}\" in the vocabulary", show(&pad))))?,
             None => t.eos_id,
         };
         Ok(t)
