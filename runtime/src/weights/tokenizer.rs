@@ -292,23 +292,50 @@ impl ChatTemplate {
         Ok(source.map(|source| ChatTemplate { source, bos_token, eos_token }))
     }
 
-    /// Renders `messages` (role, content) as transformers' `apply_chat_template(..., tokenize=False)` does.
+    /// Renders `messages` (role, content) as transformers' `apply_chat_template(..., tokenize=False)` does, through
+    /// the same bounded renderer training uses ([`crate::data::ChatTemplate`]: fuel, recursion and output limits).
     pub fn render(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<String, String> {
-        let mut env = minijinja::Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        let messages: Vec<Value> = messages.iter().map(|(r, c)| json!({ "role": r, "content": c })).collect();
-        let ctx = minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
+        use crate::data::{Message, Role, SpecialTokens};
+        let special = SpecialTokens {
+            bos: self.bos_token.clone(),
+            eos: self.eos_token.clone().unwrap_or_default(),
+            pad: None,
+            unk: None,
         };
-        env.render_str(&self.source, ctx)
-            .map_err(|e| format!("cannot render the chat template: {}", show(&e.to_string())))
+        let template = crate::data::ChatTemplate::new(&self.source, &special)
+            .map_err(|e| format!("cannot compile the chat template: {e}"))?;
+        let messages = messages
+            .iter()
+            .map(|(role, content)| {
+                Role::parse(role)
+                    .map(|r| Message::new(r, *content))
+                    .ok_or_else(|| format!("unknown chat role \"{}\"", show(role)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        template.render(&messages, add_generation_prompt).map_err(|e| format!("cannot render the chat template: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChatTemplate;
+
+    fn template(source: &str) -> ChatTemplate {
+        ChatTemplate { source: source.into(), bos_token: None, eos_token: Some("</s>".into()) }
+    }
+
+    #[test]
+    fn generation_renders_chat_templates_with_the_training_renderer() {
+        let t = template("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{{ eos_token }}");
+        assert_eq!(t.render(&[("user", "hi")], true).unwrap(), "<user>hi</s>");
+    }
+
+    #[test]
+    fn a_looping_template_is_stopped_when_generating() {
+        let t = template("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}");
+        let e = t.render(&[("user", "hi")], true).unwrap_err();
+        assert!(e.contains("ran out of fuel"), "{e}");
+        let e = template("{{ m }}").render(&[("robot\u{1b}", "hi")], true).unwrap_err();
+        assert!(e.contains("unknown chat role") && !e.contains('\u{1b}'), "{e}");
     }
 }
