@@ -401,7 +401,8 @@ pub fn trust_list(dir: &Path) -> Result<Vec<(String, String)>, TrustError> {
                 ),
             });
         }
-        out.push((digest.to_ascii_lowercase(), note.trim().to_string()));
+        // Notes are escaped when written; escaped again here for a list edited by hand (they reach the terminal).
+        out.push((digest.to_ascii_lowercase(), show(note.trim())));
     }
     Ok(out)
 }
