@@ -10,6 +10,9 @@
 #       to show where it goes; plans with f32 SIMT GEMMs and with bf16
 #       tensor-core GEMMs) vs PyTorch + transformers + PEFT + bitsandbytes (tests/bench/gpu_qlora_step.py, bf16
 #       compute) in the same run: tokens/s, step time, MFU, device memory, ratio.
+# A plan is native code: the plans were signed on the build machine with its key, so this host trusts each one only
+# after checking it against plans.sha256 (`tunec-runner trust --sha256`, into a config dir of this run's own,
+# TUNEC_HOME=target/gpu-work/tunec-home); a plan whose digest differs stops the script.
 # Prints a table at the end and writes every number to the JSON file --json names. Each part has a time limit
 # (`timeout`; exit 124 in its log) so the whole stays under 8 minutes; a part cut off shows as missing numbers.
 #
@@ -35,15 +38,31 @@ work=target/gpu-work
 rm -rf "$work" && mkdir -p "$work" "$(dirname "$json")"
 t_start=$(date +%s)
 elapsed() { echo "[$(( $(date +%s) - t_start )) s]"; }
+# Trusts every plan of a sha256sum list (DIR LIST) in this run's config dir, checking each digest; stops on a mismatch.
+export TUNEC_HOME="$PWD/$work/tunec-home"
+trust_plans() {
+  local sum name
+  [ -f "$2" ] || { echo "error: $2 missing: run scripts/gpu-prepare.sh again (it lists the plans' SHA-256)" >&2; exit 2; }
+  while read -r sum name; do
+    "$runner" trust --sha256 "$sum" --note "gpu-check: $name" "$1/${name#\*}" >/dev/null \
+      || { echo "error: $1/${name#\*}: not trusted (see above); not running it" >&2; exit 2; }
+  done < "$2"
+  echo "trusted $(wc -l < "$2") plans after checking their SHA-256 ($2)"
+}
 
 if [ "$smoke" = 1 ]; then
   source scripts/env.sh
   cargo build --release -q -p tunec -p runtime --bins
   runner=target/release/tunec-runner
   mkdir -p "$work/plans"
-  target/release/tunec compile examples/tiny.qlora.rs --target cpu -o "$work/plans/tiny.qlora.plan" 2>&1 | grep -E "^wrote"
-  target/release/tunec compile examples/tiny.qlora.rs --target cpu --gemm-precision bf16 \
+  # As on a GPU host: the plans are signed with another key (the "build machine's" config dir), then trusted by digest.
+  build_home="$PWD/$work/build-home"
+  TUNEC_HOME="$build_home" target/release/tunec compile examples/tiny.qlora.rs --target cpu \
+    -o "$work/plans/tiny.qlora.plan" 2>&1 | grep -E "^wrote"
+  TUNEC_HOME="$build_home" target/release/tunec compile examples/tiny.qlora.rs --target cpu --gemm-precision bf16 \
     -o "$work/plans/tiny.qlora.bf16.plan" 2>&1 | grep -E "^wrote"
+  (cd "$work/plans" && sha256sum -- *.plan) > "$work/plans.sha256"
+  trust_plans "$work/plans" "$work/plans.sha256"
   plans=("$work/plans/tiny.qlora.plan" "$work/plans/tiny.qlora.bf16.plan")
   backend=cpu
   venv="${TUNEC_REF_VENV:-$HOME/.cache/tunec/ref-venv}"
@@ -55,6 +74,7 @@ else
   [ -d "$carry" ] || { echo "error: $carry missing: run scripts/gpu-prepare.sh on the build machine and carry it" >&2; exit 2; }
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   runner="$carry/tunec-runner"
+  trust_plans "$carry/plans" "$carry/plans.sha256"
   # bf16 tensor cores at both shapes and with per-block recompute; f32 SIMT is timed by cuda_step (the time budget).
   plans=("$carry"/plans/*.bf16.plan "$carry"/plans/*.bf16.recompute.plan)
   backend=cuda

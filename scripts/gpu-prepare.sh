@@ -7,6 +7,9 @@
 #   plans/*.plan                      the 7B QLoRA benchmark plans (tests/bench/recipes: r=16): 4x512 with f32 SIMT
 #                                     GEMMs; 4x512 and 1x2048 with bf16 tensor-core GEMMs (`--gemm-precision bf16`);
 #                                     4x512 bf16 with per-block activation recompute (less memory)
+#   plans.sha256                      the plans' SHA-256 (sha256sum format): a plan is native code, and the GPU host
+#                                     (another user, another key) runs one only after `tunec-runner trust --sha256`
+#                                     has checked it against this list (scripts/gpu-check.sh does)
 #   bnb.tgz                           bitsandbytes 0.50.2 (CUDA 12.6/12.8/13.0/13.2 libraries only) for the PEFT baseline
 # Usage: scripts/gpu-prepare.sh      (then carry target/gpu-carry and run scripts/gpu-check.sh there)
 set -euo pipefail
@@ -32,6 +35,9 @@ done
 r=tests/bench/recipes/llama2-7b.qlora.r16.4x512.rs
 target/release/tunec compile "$r" --gemm-precision bf16 --recompute per-block \
   -o "$out/plans/$(basename "$r" .rs).bf16.recompute.plan" 2>&1 | grep -E "^(codegen|wrote)"
+# The digests the GPU host checks before it trusts the plans (they are signed with this machine's key, not its).
+(cd "$out/plans" && sha256sum -- *.plan) > "$out/plans.sha256"
+cat "$out/plans.sha256"
 # bitsandbytes from the reference venv (tests/bench/run.sh creates it), without the ROCm/XPU/old-CUDA libraries.
 venv="${TUNEC_REF_VENV:-$HOME/.cache/tunec/ref-venv}"
 if ! "$venv/bin/python" -c "import bitsandbytes" 2>/dev/null; then

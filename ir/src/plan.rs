@@ -3,9 +3,16 @@
 //! and adapter settings — as one versioned, checksummed binary file.
 //!
 //! Layout: the 8-byte magic `TUNECPLN`, the format version (u32 LE), the payload's length (u64 LE), the CRC-32 of the
-//! payload (u32 LE), then the payload: a postcard encoding of [`Payload`]. The graph travels in its stable text form
-//! (`ir::text`) and is parsed and verified on load; parameter and input bindings are derived from it rather than
-//! stored twice, so a plan cannot disagree with its own graph.
+//! payload (u32 LE), then the payload: a postcard encoding of [`Payload`], then (in a signed plan) the signature
+//! block: the 8-byte magic `TUNECSIG`, an 8-byte key id and a 32-byte tag over every byte before the tag. The graph
+//! travels in its stable text form (`ir::text`) and is parsed and verified on load; parameter and input bindings are
+//! derived from it rather than stored twice, so a plan cannot disagree with its own graph.
+//!
+//! A plan is native code (its host library is loaded into the process that runs it), so the runtime decodes a plan
+//! file only after `runtime::trust` has authenticated it. This module knows the signature block's framing
+//! ([`split_signature`], [`attach_signature`]) but no keys, no MAC and no policy; [`read_file`] reads a plan file with
+//! bounds (a regular file, at most [`MAX_PLAN_BYTES`], no more than its header declares), and
+//! [`Plan::read_unverified`] decodes one without asking whether to trust it (for `tunec inspect`).
 //!
 //! The types here are plain data: the CLI converts the front end's and the passes' types into a [`PlanSource`] and
 //! calls [`build_plan`]; the runtime only needs `ir` to read a plan.
@@ -24,9 +31,21 @@ use std::path::{Path, PathBuf};
 pub const MAGIC: [u8; 8] = *b"TUNECPLN";
 /// The version of the payload's layout this tunec writes and reads. Bump it on any change to [`Payload`] or to the
 /// meaning of a field; older or newer plans are refused with [`PlanError::Version`].
-pub const FORMAT_VERSION: u32 = 4;
+/// Version 5 added the signature block.
+pub const FORMAT_VERSION: u32 = 5;
 /// Magic + version + payload length + checksum.
 pub const HEADER_BYTES: usize = 8 + 4 + 8 + 4;
+/// The first eight bytes of the signature block that follows the payload of a signed plan.
+pub const SIGNATURE_MAGIC: [u8; 8] = *b"TUNECSIG";
+/// The key id in a signature block: the first 8 bytes of the SHA-256 of the signing key.
+pub const KEY_ID_BYTES: usize = 8;
+/// The tag in a signature block (HMAC-SHA256).
+pub const TAG_BYTES: usize = 32;
+/// The signature block: magic, key id, tag.
+pub const SIGNATURE_BYTES: usize = SIGNATURE_MAGIC.len() + KEY_ID_BYTES + TAG_BYTES;
+/// The largest plan file tunec reads (header, payload and signature): 4 GiB. Plans hold code and the memory plan, not
+/// weights; a 7B QLoRA plan is tens of MiB.
+pub const MAX_PLAN_BYTES: u64 = 4 << 30;
 /// The tunec release that writes plans (all crates share the workspace version).
 pub const TUNEC_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -46,6 +65,23 @@ pub enum PlanError {
     Truncated { expected: u64, found: u64 },
     #[error("the plan has {} bytes after its payload (expected {expected} bytes, found {found})", found - expected)]
     TrailingBytes { expected: u64, found: u64 },
+    #[error(
+        "truncated signature: the plan's signature block should be {SIGNATURE_BYTES} bytes after the payload, found \
+         {found}: the file was cut short (copy it again)"
+    )]
+    SignatureTruncated { found: u64 },
+    #[error("the plan's signature block is followed by {} more bytes (expected {expected} bytes, found {found})", found - expected)]
+    AfterSignature { expected: u64, found: u64 },
+    #[error("{}: not a regular file ({kind}): a plan is a file written by `tunec compile -o`", path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error(
+        "{}: the plan's header declares {declared} bytes, more than the {MAX_PLAN_BYTES} bytes a plan may have \
+         (ir::plan::MAX_PLAN_BYTES): the file is corrupt or not a plan",
+        path.display()
+    )]
+    TooLarge { path: PathBuf, declared: u64 },
+    #[error("cannot sign the plan: {0}")]
+    Sign(String),
     #[error("checksum mismatch (stored {stored:08x}, computed {computed:08x}): the plan is corrupt")]
     Checksum { stored: u32, computed: u32 },
     #[error("cannot decode the plan's payload: {0}")]
@@ -357,34 +393,17 @@ impl Plan {
     }
 
     /// Reads a plan from the bytes of a plan file, checking everything in the order a reader would want to be told:
-    /// what the file is, its version, its size, its checksum, its payload, its graph, its internal consistency.
+    /// what the file is, its version, its size, its checksum, its payload, its graph, its internal consistency. A
+    /// signature block is framed ([`split_signature`]) but not authenticated: that is `runtime::trust`'s work, done
+    /// before this is called on a file's bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Plan, PlanError> {
-        let found = bytes.len() as u64;
-        let magic_len = bytes.len().min(MAGIC.len());
-        if bytes[..magic_len] != MAGIC[..magic_len] {
-            return Err(PlanError::NotAPlan { found: bytes[..magic_len].to_vec() });
-        }
-        if bytes.len() < HEADER_BYTES {
-            return Err(PlanError::Truncated { expected: HEADER_BYTES as u64, found });
-        }
-        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-        let version = u32_at(8);
-        if version != FORMAT_VERSION {
-            return Err(PlanError::Version { found: version, expected: FORMAT_VERSION });
-        }
-        let payload_len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
-        let expected = payload_len.saturating_add(HEADER_BYTES as u64);
-        if found < expected {
-            return Err(PlanError::Truncated { expected, found });
-        }
-        if found > expected {
-            return Err(PlanError::TrailingBytes { expected, found });
-        }
-        let body = &bytes[HEADER_BYTES..];
-        let (stored, computed) = (u32_at(20), crc32fast::hash(body));
+        let file = split_signature(bytes)?;
+        let body = &file.plan[HEADER_BYTES..];
+        let (stored, computed) = (u32_at(file.plan, 20), crc32fast::hash(body));
         if stored != computed {
             return Err(PlanError::Checksum { stored, computed });
         }
+        let version = file.version;
         let (p, rest): (Payload, &[u8]) =
             postcard::take_from_bytes(body).map_err(|e| PlanError::Decode(e.to_string()))?;
         if !rest.is_empty() {
@@ -415,31 +434,17 @@ impl Plan {
         Ok(plan)
     }
 
-    /// Writes the plan atomically (a temporary file in the same directory, renamed over `path`); returns its size.
+    /// Writes the plan, unsigned, atomically (see [`write_file`]); returns its size. `tunec compile` writes a signed
+    /// plan through `runtime::trust` instead: the runtime refuses unsigned plan files.
     pub fn write(&self, path: &Path) -> Result<u64, PlanError> {
-        let bytes = self.to_bytes()?;
-        let io = |source| PlanError::Io { path: path.to_path_buf(), source };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let mut tmp = tempfile::Builder::new().prefix(".tunec-plan-").suffix(".tmp").tempfile_in(dir).map_err(io)?;
-        // A temporary file is private (0600); a plan is an ordinary file like any other the compiler writes.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(io)?;
-        }
-        tmp.write_all(&bytes).map_err(io)?;
-        tmp.as_file().sync_all().map_err(io)?;
-        tmp.persist(path).map_err(|e| io(e.error))?;
-        Ok(bytes.len() as u64)
+        write_file(path, &self.to_bytes()?)
     }
 
-    /// Reads and checks a plan file.
-    pub fn read(path: &Path) -> Result<Plan, PlanError> {
-        let bytes = std::fs::read(path).map_err(|source| PlanError::Io { path: path.to_path_buf(), source })?;
-        Plan::from_bytes(&bytes)
+    /// Reads a plan file ([`read_file`]: bounded) and decodes it **without authenticating it**: for showing what a
+    /// file holds (`tunec inspect`). Nothing that runs a plan may call this: the runtime goes through
+    /// `runtime::trust::load_plan`, which checks the signature or the trust list first.
+    pub fn read_unverified(path: &Path) -> Result<Plan, PlanError> {
+        Plan::from_bytes(&read_file(path)?)
     }
 
     /// Checks what the verifier does not: the memory plan and the kernel code against the graph.
@@ -635,6 +640,193 @@ impl Plan {
         }
         s
     }
+}
+
+/// A plan file's parts: the plan (header and payload, what [`Plan::to_bytes`] writes) and, when signed, its signature
+/// block. Only the fixed-size header has been read; nothing is decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanFile<'a> {
+    pub version: u32,
+    /// Header and payload.
+    pub plan: &'a [u8],
+    pub signature: Option<SignatureBlock<'a>>,
+}
+
+/// The signature block of a signed plan file, as found (not authenticated).
+#[derive(Clone, Copy, Debug)]
+pub struct SignatureBlock<'a> {
+    /// The first 8 bytes of the SHA-256 of the key that signed it.
+    pub key_id: [u8; KEY_ID_BYTES],
+    pub tag: [u8; TAG_BYTES],
+    /// The bytes the tag covers: header, payload, the block's magic and its key id — everything before the tag.
+    pub signed: &'a [u8],
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0; 4];
+    b.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+/// The header's format version and payload length, after checking the magic and the version.
+fn parse_header(bytes: &[u8]) -> Result<(u32, u64), PlanError> {
+    let magic_len = bytes.len().min(MAGIC.len());
+    if bytes[..magic_len] != MAGIC[..magic_len] {
+        return Err(PlanError::NotAPlan { found: bytes[..magic_len].to_vec() });
+    }
+    if bytes.len() < HEADER_BYTES {
+        return Err(PlanError::Truncated { expected: HEADER_BYTES as u64, found: bytes.len() as u64 });
+    }
+    let version = u32_at(bytes, 8);
+    if version != FORMAT_VERSION {
+        return Err(PlanError::Version { found: version, expected: FORMAT_VERSION });
+    }
+    let mut len = [0; 8];
+    len.copy_from_slice(&bytes[12..20]);
+    Ok((version, u64::from_le_bytes(len)))
+}
+
+/// Splits a plan file into the plan and its signature block, checking the header (magic, version) and the framing
+/// (the declared length, a whole signature block or none, nothing after it); decodes nothing.
+pub fn split_signature(bytes: &[u8]) -> Result<PlanFile<'_>, PlanError> {
+    let (version, payload_len) = parse_header(bytes)?;
+    let found = bytes.len() as u64;
+    let expected = payload_len.saturating_add(HEADER_BYTES as u64);
+    if found < expected {
+        return Err(PlanError::Truncated { expected, found });
+    }
+    // expected <= found, so it is an index into `bytes`.
+    let end = expected as usize;
+    let (plan, rest) = bytes.split_at(end);
+    if rest.is_empty() {
+        return Ok(PlanFile { version, plan, signature: None });
+    }
+    let magic_len = rest.len().min(SIGNATURE_MAGIC.len());
+    if rest[..magic_len] != SIGNATURE_MAGIC[..magic_len] {
+        return Err(PlanError::TrailingBytes { expected, found });
+    }
+    if rest.len() < SIGNATURE_BYTES {
+        return Err(PlanError::SignatureTruncated { found: rest.len() as u64 });
+    }
+    if rest.len() > SIGNATURE_BYTES {
+        return Err(PlanError::AfterSignature { expected: expected + SIGNATURE_BYTES as u64, found });
+    }
+    let mut key_id = [0; KEY_ID_BYTES];
+    key_id.copy_from_slice(&rest[SIGNATURE_MAGIC.len()..SIGNATURE_MAGIC.len() + KEY_ID_BYTES]);
+    let mut tag = [0; TAG_BYTES];
+    tag.copy_from_slice(&rest[SIGNATURE_BYTES - TAG_BYTES..]);
+    let signed = &bytes[..bytes.len() - TAG_BYTES];
+    Ok(PlanFile { version, plan, signature: Some(SignatureBlock { key_id, tag, signed }) })
+}
+
+/// Appends a signature block to an unsigned plan file's bytes: the magic and `key_id`, then the tag `mac` computes
+/// over every byte before it. The MAC (and the key) are the caller's: `ir` knows the framing only.
+pub fn attach_signature(
+    mut plan: Vec<u8>,
+    key_id: [u8; KEY_ID_BYTES],
+    mac: impl FnOnce(&[u8]) -> [u8; TAG_BYTES],
+) -> Result<Vec<u8>, PlanError> {
+    if split_signature(&plan)?.signature.is_some() {
+        return Err(PlanError::Sign("the plan is signed already".into()));
+    }
+    plan.extend_from_slice(&SIGNATURE_MAGIC);
+    plan.extend_from_slice(&key_id);
+    let tag = mac(&plan);
+    plan.extend_from_slice(&tag);
+    Ok(plan)
+}
+
+/// What a file that is not a regular file is.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Reads a plan file's bytes, with bounds: a regular file only (a FIFO, a device such as `/dev/zero` or a directory
+/// is refused before anything is read), no more than its header declares plus a signature block, and at most
+/// [`MAX_PLAN_BYTES`]. Checks the header (magic, version) and reports bytes past the signature block; the rest of the
+/// framing is [`split_signature`]'s.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, PlanError> {
+    use std::io::Read as _;
+    let io = |source| PlanError::Io { path: path.to_path_buf(), source };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    // Opening a FIFO blocks until a writer comes; non-blocking, it opens at once and is refused below.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(PlanError::NotAFile { path: path.to_path_buf(), kind: file_kind(&meta.file_type()) });
+    }
+    let mut bytes = Vec::with_capacity(HEADER_BYTES);
+    (&file).take(HEADER_BYTES as u64).read_to_end(&mut bytes).map_err(io)?;
+    let (_, payload_len) = parse_header(&bytes)?;
+    let most = MAX_PLAN_BYTES - (HEADER_BYTES + SIGNATURE_BYTES) as u64;
+    if payload_len > most {
+        return Err(PlanError::TooLarge {
+            path: path.to_path_buf(),
+            declared: payload_len.saturating_add((HEADER_BYTES + SIGNATURE_BYTES) as u64),
+        });
+    }
+    // At most the declared plan and a signature block (within MAX_PLAN_BYTES), and one byte more to notice extra.
+    let want = payload_len + (HEADER_BYTES + SIGNATURE_BYTES) as u64;
+    let rest = want - HEADER_BYTES as u64;
+    bytes.reserve(usize::try_from(rest.min(meta.len())).unwrap_or(0));
+    (&file).take(rest + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > want {
+        let found = meta.len().max(bytes.len() as u64);
+        let end = HEADER_BYTES + payload_len as usize;
+        return Err(if bytes[end..].starts_with(&SIGNATURE_MAGIC) {
+            PlanError::AfterSignature { expected: want, found }
+        } else {
+            PlanError::TrailingBytes { expected: end as u64, found }
+        });
+    }
+    Ok(bytes)
+}
+
+/// Writes a plan file's bytes atomically (a temporary file in the same directory, renamed over `path`), mode 0644;
+/// returns the size.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<u64, PlanError> {
+    let io = |source| PlanError::Io { path: path.to_path_buf(), source };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new().prefix(".tunec-plan-").suffix(".tmp").tempfile_in(dir).map_err(io)?;
+    // A temporary file is private (0600); a plan is an ordinary file like any other the compiler writes.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+    }
+    tmp.write_all(bytes).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(bytes.len() as u64)
 }
 
 /// Bytes in binary units with three significant decimals.

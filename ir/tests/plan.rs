@@ -1,9 +1,10 @@
 //! The plan file: write/read round trip, atomic writes, and a clear error (never a panic) for every way a file can be
-//! wrong — not a plan, another format version, truncated, corrupt, undecodable, a graph that does not verify.
+//! wrong — not a plan, another format version, truncated, corrupt, undecodable, a graph that does not verify; the
+//! signature block's framing; bounded reading of plan files (no FIFO, device or over-long file is read through).
 
 use ir::plan::{
     build_plan, AdapterSettings, KernelCode, Plan, PlanBuffer, PlanError, PlanSource, Region, TrainSettings,
-    ValuePlacement, FORMAT_VERSION, HEADER_BYTES, MAGIC,
+    ValuePlacement, FORMAT_VERSION, HEADER_BYTES, MAGIC, MAX_PLAN_BYTES, SIGNATURE_BYTES, SIGNATURE_MAGIC,
 };
 use std::path::Path;
 
@@ -120,13 +121,13 @@ fn write_then_read_gives_the_same_plan() {
     let p = plan();
     let written = p.write(&path).unwrap();
     assert_eq!(written, std::fs::metadata(&path).unwrap().len());
-    let back = Plan::read(&path).unwrap();
+    let back = Plan::read_unverified(&path).unwrap();
     assert_eq!(back, p);
     // Writing over an existing plan replaces it, and leaves nothing else behind.
     let mut q = p.clone();
     q.recipe = "other".into();
     q.write(&path).unwrap();
-    assert_eq!(Plan::read(&path).unwrap(), q);
+    assert_eq!(Plan::read_unverified(&path).unwrap(), q);
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, ["plan.bin"], "temporary files left behind");
 }
@@ -143,7 +144,7 @@ fn writing_into_a_missing_directory_is_an_io_error_naming_the_path() {
 
 #[test]
 fn a_missing_file_is_an_io_error() {
-    let e = Plan::read(Path::new("/nonexistent/plan.bin")).unwrap_err();
+    let e = Plan::read_unverified(Path::new("/nonexistent/plan.bin")).unwrap_err();
     assert!(matches!(e, PlanError::Io { .. }), "{e:?}");
     assert!(e.to_string().starts_with("/nonexistent/plan.bin: "), "{e}");
 }
@@ -314,7 +315,7 @@ fn a_memory_plan_that_does_not_fit_the_graph_is_refused() {
 fn summary_names_what_is_in_the_plan() {
     let s = plan().summary();
     for want in [
-        "plan small for h100 (plan format 4",
+        &*format!("plan small for h100 (plan format {FORMAT_VERSION}"),
         "5 nodes",
         "1 kernels",
         "frozen",
@@ -342,4 +343,127 @@ fn a_kernel_argument_outside_the_graph_is_inconsistent() {
     let back = Plan::from_bytes(&p.to_bytes().unwrap()).unwrap();
     assert_eq!(back.kernels[0].args, p.kernels[0].args);
     assert_eq!(back.kernels[0].launch, p.kernels[0].launch);
+}
+
+/// A stand-in MAC (the real one, HMAC-SHA256 with the user's key, is `runtime::trust`'s): the sum of the bytes.
+fn fake_mac(m: &[u8]) -> [u8; 32] {
+    let mut t = [0u8; 32];
+    for (i, b) in m.iter().enumerate() {
+        t[i % 32] = t[i % 32].wrapping_add(*b);
+    }
+    t
+}
+
+fn signed() -> Vec<u8> {
+    ir::plan::attach_signature(bytes(), *b"keyid-01", fake_mac).unwrap()
+}
+
+#[test]
+fn a_signature_block_is_framed_after_the_payload() {
+    let unsigned = bytes();
+    let f = ir::plan::split_signature(&unsigned).unwrap();
+    assert!(f.signature.is_none());
+    assert_eq!(f.plan, &unsigned[..]);
+    let s = signed();
+    assert_eq!(s.len(), unsigned.len() + SIGNATURE_BYTES);
+    assert_eq!(&s[unsigned.len()..unsigned.len() + 8], &SIGNATURE_MAGIC);
+    let f = ir::plan::split_signature(&s).unwrap();
+    let sig = f.signature.expect("signed");
+    assert_eq!(f.plan, &unsigned[..]);
+    assert_eq!(&sig.key_id, b"keyid-01");
+    // The tag covers everything before it: header, payload, the block's magic and key id.
+    assert_eq!(sig.signed, &s[..s.len() - 32]);
+    assert_eq!(sig.tag, fake_mac(sig.signed));
+    // A signed plan decodes like the unsigned one (authenticating it is the runtime's work).
+    assert_eq!(Plan::from_bytes(&s).unwrap(), plan());
+    // Signing twice is refused.
+    let e = ir::plan::attach_signature(s.clone(), [0; 8], fake_mac).unwrap_err();
+    assert!(e.to_string().contains("signed already"), "{e}");
+}
+
+#[test]
+fn a_truncated_signature_or_bytes_after_it_are_refused() {
+    let s = signed();
+    let end = bytes().len();
+    for cut in [end + 1, end + 8, end + 9, end + 20, s.len() - 1] {
+        let e = Plan::from_bytes(&s[..cut]).unwrap_err();
+        assert!(matches!(e, PlanError::SignatureTruncated { found } if found == (cut - end) as u64), "{cut}: {e:?}");
+        assert!(e.to_string().starts_with("truncated signature"), "{e}");
+    }
+    let mut longer = s.clone();
+    longer.push(0);
+    let e = Plan::from_bytes(&longer).unwrap_err();
+    assert!(matches!(e, PlanError::AfterSignature { .. }), "{e:?}");
+    assert!(e.to_string().contains("followed by 1 more bytes"), "{e}");
+}
+
+#[test]
+fn a_signed_plan_file_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plan.bin");
+    ir::plan::write_file(&path, &signed()).unwrap();
+    assert_eq!(ir::plan::read_file(&path).unwrap(), signed());
+    assert_eq!(Plan::read_unverified(&path).unwrap(), plan());
+    // Extra bytes after the block in a file are refused (the reader stops one byte past what the header allows).
+    let mut longer = signed();
+    longer.extend_from_slice(&[7; 1000]);
+    ir::plan::write_file(&path, &longer).unwrap();
+    let e = ir::plan::read_file(&path).unwrap_err();
+    assert!(
+        matches!(e, PlanError::AfterSignature { expected, found } if expected == signed().len() as u64
+            && found == longer.len() as u64),
+        "{e:?}"
+    );
+    let mut junk = bytes();
+    junk.extend_from_slice(b"junk");
+    ir::plan::write_file(&path, &junk).unwrap();
+    assert!(matches!(Plan::read_unverified(&path), Err(PlanError::TrailingBytes { .. })));
+}
+
+#[cfg(unix)]
+#[test]
+fn devices_fifos_and_directories_are_refused_without_reading() {
+    // /dev/zero would be read forever; a FIFO would block the open until a writer came.
+    let e = Plan::read_unverified(Path::new("/dev/zero")).unwrap_err();
+    assert!(matches!(e, PlanError::NotAFile { kind: "a character device", .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "/dev/zero: not a regular file (a character device): a plan is a file written by `tunec compile -o`"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("plan.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let t0 = std::time::Instant::now();
+    let e = Plan::read_unverified(&fifo).unwrap_err();
+    assert!(matches!(e, PlanError::NotAFile { kind: "a FIFO", .. }), "{e:?}");
+    assert!(t0.elapsed().as_secs() < 5, "blocked on the FIFO");
+    let e = Plan::read_unverified(dir.path()).unwrap_err();
+    assert!(matches!(e, PlanError::NotAFile { kind: "a directory", .. }), "{e:?}");
+}
+
+#[test]
+fn a_header_declaring_more_than_the_largest_plan_is_refused_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.bin");
+    for declared in [MAX_PLAN_BYTES, u64::MAX] {
+        let mut b = bytes();
+        b[12..20].copy_from_slice(&declared.to_le_bytes());
+        std::fs::write(&path, &b).unwrap();
+        let e = ir::plan::read_file(&path).unwrap_err();
+        assert!(matches!(e, PlanError::TooLarge { .. }), "{e:?}");
+        assert!(e.to_string().contains("ir::plan::MAX_PLAN_BYTES"), "{e}");
+    }
+    // The largest payload allowed is merely truncated here (the file is short), not refused as too large.
+    let mut b = bytes();
+    let most = MAX_PLAN_BYTES - (HEADER_BYTES + SIGNATURE_BYTES) as u64;
+    b[12..20].copy_from_slice(&most.to_le_bytes());
+    std::fs::write(&path, &b).unwrap();
+    let b = ir::plan::read_file(&path).unwrap();
+    assert!(matches!(Plan::from_bytes(&b), Err(PlanError::Truncated { .. })));
+    // A short or foreign file says what it is.
+    std::fs::write(&path, b"TUNECPLN\x05").unwrap();
+    assert!(matches!(ir::plan::read_file(&path), Err(PlanError::Truncated { expected: 24, found: 9 })));
+    std::fs::write(&path, b"PK\x03\x04 a zip file").unwrap();
+    assert!(matches!(ir::plan::read_file(&path), Err(PlanError::NotAPlan { .. })));
 }

@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use ir::plan::Plan;
 use ir::{Init, Role};
 use runtime::train::random::{vocab_of, InputData, RandomData};
 use runtime::{CpuBackend, CudaBackend};
@@ -52,7 +51,9 @@ fn fmt_opt(x: Option<f32>) -> String {
 }
 
 fn run(path: &Path, steps: u64) -> Result<bool, String> {
-    let plan = Plan::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // A plan is native code: authenticated (signed with this user's key, or in the trust list) before it is decoded.
+    let (plan, _) =
+        runtime::trust::load_plan(path, &runtime::trust::TrustOptions::default()).map_err(|e| e.to_string())?;
     let data = RandomData { seed: plan.train.seed, lr: LR as f32 };
     let vocab = vocab_of(&plan);
     let tokens_per_step = (plan.train.micro_batch * plan.train.seq_len) as usize;

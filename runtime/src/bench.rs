@@ -39,6 +39,8 @@ pub struct BenchArgs {
     /// Time the last step (cpu or cuda) kernel by kernel and print the time per kernel kind and the slowest kernels
     #[arg(long)]
     pub profile: bool,
+    #[command(flatten)]
+    pub trust: crate::trust::TrustArgs,
 }
 
 /// The model FLOPs of one step of `plan` (see the module docs), or `None` without the model's shape.
@@ -277,7 +279,11 @@ pub fn bench(
 /// `bench <plan> ...`: runs each backend, prints a table, writes JSON.
 pub fn run(args: &BenchArgs) -> Result<(), String> {
     let path = &args.plan;
-    let plan = Plan::read(path).map_err(|e| format!("error: {}: {e}", path.display()))?;
+    // A plan is native code: authenticated before it is decoded (signature or trust list).
+    let (plan, how) = crate::trust::load_plan(path, &args.trust.options()).map_err(|e| format!("error: {e}"))?;
+    if how == crate::trust::Trust::Once {
+        eprintln!("warning: {}: running a plan that is not verified (--trust-plan)", path.display());
+    }
     let flops = model_flops_per_step(&plan);
     let gib = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.2}", b as f64 / (1u64 << 30) as f64));
     println!(

@@ -97,13 +97,21 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub trust: crate::trust::TrustArgs,
 }
 
 /// Compiles a recipe (`.rs`) into a plan: for the cpu target (host code only) or, with `gpu`, the h100 target
 /// with PTX. Only the full `tunec` binary can (it links LLVM); the runner reads plan files only.
 pub type CompileRecipe<'a> = &'a dyn Fn(&Path, bool) -> Result<Plan, String>;
 
-fn load_plan(path: &Path, gpu: bool, compile: Option<CompileRecipe<'_>>) -> Result<Plan, String> {
+/// A recipe is compiled here (in memory: nothing to authenticate); a plan file is authenticated before it is decoded.
+fn load_plan(
+    path: &Path,
+    gpu: bool,
+    compile: Option<CompileRecipe<'_>>,
+    trust: &crate::trust::TrustOptions,
+) -> Result<Plan, String> {
     if path.extension().is_some_and(|e| e == "rs") {
         return match compile {
             Some(c) => c(path, gpu),
@@ -114,7 +122,11 @@ fn load_plan(path: &Path, gpu: bool, compile: Option<CompileRecipe<'_>>) -> Resu
             )),
         };
     }
-    Plan::read(path).map_err(|e| format!("error: {}: {e}", path.display()))
+    let (plan, how) = crate::trust::load_plan(path, trust).map_err(|e| format!("error: {e}"))?;
+    if how == crate::trust::Trust::Once {
+        eprintln!("warning: {}: running a plan that is not verified (--trust-plan)", path.display());
+    }
+    Ok(plan)
 }
 
 /// Receives one parameter's values.
@@ -172,7 +184,7 @@ pub fn run(args: &RunArgs, compile: Option<CompileRecipe<'_>>) -> Result<(), Str
         }
         other => other,
     };
-    let plan = load_plan(&args.plan, backend == Backend::Cuda, compile)?;
+    let plan = load_plan(&args.plan, backend == Backend::Cuda, compile, &args.trust.options())?;
     let t = &plan.train;
     let seed = args.seed.unwrap_or(t.seed);
     let tok_dir = args.tokenizer.as_ref().or(args.model.as_ref()).ok_or("error: give --model or --tokenizer")?;

@@ -173,9 +173,10 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// Reads a plan file and loads it with `threads` threads (0: [`default_threads`]).
-    pub fn load(path: &Path, threads: usize) -> Result<CpuBackend, RuntimeError> {
-        CpuBackend::new(&Plan::read(path)?, threads)
+    /// Reads a plan file, authenticates it (`crate::trust::load_plan`: the host library is native code) and loads
+    /// it with `threads` threads (0: [`default_threads`]).
+    pub fn load(path: &Path, threads: usize, trust: &crate::trust::TrustOptions) -> Result<CpuBackend, RuntimeError> {
+        CpuBackend::new(&crate::trust::load_plan(path, trust)?.0, threads)
     }
 
     /// Loads `plan`: checks that every kernel has host code, loads the host library, allocates memory and resolves

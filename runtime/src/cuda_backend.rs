@@ -176,9 +176,10 @@ fn upload_now(stream: &CudaStream, dst: u64, bytes: &[u8], what: &str) -> Result
 }
 
 impl CudaBackend {
-    /// Reads a plan file and loads it onto device `ordinal`.
-    pub fn load(path: &Path, ordinal: usize) -> Result<CudaBackend, CudaError> {
-        CudaBackend::new(&Plan::read(path).map_err(RuntimeError::from)?, ordinal)
+    /// Reads a plan file, authenticates it (`crate::trust::load_plan`: its kernels are native code) and loads it
+    /// onto device `ordinal`.
+    pub fn load(path: &Path, ordinal: usize, trust: &crate::trust::TrustOptions) -> Result<CudaBackend, CudaError> {
+        CudaBackend::new(&crate::trust::load_plan(path, trust).map_err(RuntimeError::from)?.0, ordinal)
     }
 
     /// Loads `plan` onto device `ordinal`: probes the driver (a clean error without one), picks and loads the PTX

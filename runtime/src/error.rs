@@ -9,6 +9,9 @@ pub enum RuntimeError {
     /// The plan file could not be read, or is not a consistent plan.
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The plan file is not trusted (unsigned, another key, modified), or the key or trust list cannot be used.
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
     /// Some kernels have no generated code (`KernelCode::symbol` is empty): the plan cannot run on the cpu backend.
     #[error("the plan cannot run on the cpu backend: {}", missing_code(kernels))]
     MissingHostCode {

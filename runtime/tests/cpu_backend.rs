@@ -468,11 +468,22 @@ fn a_plan_file_loads() {
     let (plan, _) = sgd_plan(&lib);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sgd.plan.bin");
-    plan.write(&path).unwrap();
-    let cpu = CpuBackend::load(&path, 0).unwrap();
+    // A plan file loads only when it is authenticated (signed with the user's key; here a test's own config dir).
+    let trust = runtime::trust::TrustOptions::in_dir(dir.path().join("home"));
+    runtime::trust::write_signed(&plan, &path, &trust).unwrap();
+    let cpu = CpuBackend::load(&path, 0, &trust).unwrap();
     assert!(cpu.threads() >= 1);
-    let err = CpuBackend::load(Path::new("/nonexistent/plan.bin"), 1).unwrap_err();
-    assert!(matches!(err, RuntimeError::Plan(ir::plan::PlanError::Io { .. })), "{err:?}");
+    plan.write(&path).unwrap();
+    let err = CpuBackend::load(&path, 0, &trust).unwrap_err();
+    assert!(err.to_string().contains("refused: the plan is not signed"), "{err}");
+    let err = CpuBackend::load(Path::new("/nonexistent/plan.bin"), 1, &trust).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RuntimeError::Trust(runtime::trust::TrustError::Plan { source: ir::plan::PlanError::Io { .. }, .. })
+        ),
+        "{err:?}"
+    );
 }
 
 /// A kernel with run-time constants (`KernelCode::seeds`) gets a pointer to them after its buffers.

@@ -229,9 +229,14 @@ fn cuda_backend_without_a_driver_fails_cleanly() {
     // Through a file too, and whatever the ordinal.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sgd.plan.bin");
-    plan.write(&path).unwrap();
-    let err = CudaBackend::load(&path, 3).unwrap_err();
+    let trust = runtime::trust::TrustOptions::in_dir(dir.path().join("home"));
+    runtime::trust::write_signed(&plan, &path, &trust).unwrap();
+    let err = CudaBackend::load(&path, 3, &trust).unwrap_err();
     assert!(matches!(err, CudaError::Unavailable(CudaUnavailable::NoDriver)), "{err:?}");
+    // An unsigned plan file is refused before anything else (its PTX is code too).
+    plan.write(&path).unwrap();
+    let err = CudaBackend::load(&path, 0, &trust).unwrap_err();
+    assert!(err.to_string().contains("refused: the plan is not signed"), "{err}");
 }
 
 #[test]

@@ -25,7 +25,7 @@ fn the_tiny_qlora_plan_round_trips_through_a_file() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("tiny.qlora.plan.bin");
     let bytes = plan.write(&path).unwrap();
-    let back = Plan::read(&path);
+    let back = Plan::read_unverified(&path);
     std::fs::remove_dir_all(&dir).unwrap();
     let back = back.unwrap();
     assert_eq!(back, plan);

@@ -25,11 +25,18 @@ struct Cli {
 enum Command {
     /// Compile a recipe (a Rust-syntax DSL file) into the IR of its whole training step.
     Compile(CompileArgs),
-    /// Print a readable summary of a plan file written by `tunec compile -o`.
+    /// Print a readable summary of a plan file written by `tunec compile -o`, and whether `run`/`bench` trust it.
     Inspect {
         /// The plan, e.g. plan.bin
         plan: PathBuf,
+        /// Refuse (exit 1) unless the plan is trusted: signed with your key or in your trust list; checked before
+        /// anything past the header is decoded.
+        #[arg(long)]
+        verify: bool,
     },
+    /// Trust a plan compiled elsewhere: records its SHA-256 in your trust list (<config dir>/trusted-plans), so that
+    /// `run` and `bench` run it. A plan is native code: check where it came from first.
+    Trust(runtime::trust::TrustCommand),
     /// Check the native toolchain: LLVM (NVPTX + host), ptxas, MLIR, and whether a CUDA driver is present.
     Doctor,
     /// Train: a plan (or recipe) on a data set, from an HF model directory; writes metrics, checkpoints and the
@@ -104,7 +111,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Compile(args) => compile(&args),
-        Command::Inspect { plan } => inspect(&plan),
+        Command::Inspect { plan, verify } => inspect(&plan, verify),
+        Command::Trust(args) => runtime::trust::trust_command(&args),
         Command::Doctor => doctor(),
         Command::Run(args) => cmd_run::run(&args),
         Command::Import(args) => cmd_model::import(&args),
@@ -251,8 +259,19 @@ fn compile(args: &CompileArgs) -> Result<(), String> {
         if let Some(b) = &build {
             plan_source::attach_code(&mut plan, b);
         }
-        let bytes = plan.write(out).map_err(|e| format!("error: writing the plan: {e}"))?;
-        eprintln!("wrote {} ({bytes} bytes)", out.display());
+        // Signed with the user's key: `run` and `bench` load only plans they can authenticate (a plan is native code).
+        let opts = runtime::trust::TrustOptions::default();
+        let signed =
+            runtime::trust::write_signed(&plan, out, &opts).map_err(|e| format!("error: writing the plan: {e}"))?;
+        if signed.created_key {
+            eprintln!("created your plan-signing key {} (keep it private)", signed.key_path.display());
+        }
+        eprintln!(
+            "wrote {} ({} bytes, signed with key {})",
+            out.display(),
+            signed.bytes,
+            runtime::trust::hex(&signed.key_id)
+        );
     }
     match emit {
         Emit::Ir => print!("{}", ir::text::print(&graph)),
@@ -343,13 +362,19 @@ fn write_report(
     Ok(())
 }
 
-/// Reads a plan and prints its summary.
-fn inspect(path: &std::path::Path) -> Result<(), String> {
-    let plan = ir::plan::Plan::read(path).map_err(|e| match e {
-        ir::plan::PlanError::Io { .. } => format!("error: {e}"),
-        e => format!("error: {}: {e}", path.display()),
-    })?;
+/// Reads a plan (bounded) and prints its summary and whether `run`/`bench` trust it; with `verify`, refuses an untrusted
+/// plan before decoding it. Inspecting decodes data only: no code of the plan is loaded.
+fn inspect(path: &std::path::Path, verify: bool) -> Result<(), String> {
+    use runtime::trust::{TrustError, TrustOptions};
+    let opts = TrustOptions::default();
+    let plan_err = |source| format!("error: {}", TrustError::Plan { path: path.into(), source });
+    let bytes = ir::plan::read_file(path).map_err(plan_err)?;
+    if verify {
+        runtime::trust::verify(path, &bytes, &opts).map_err(|e| format!("error: {e}"))?;
+    }
+    let plan = ir::plan::Plan::from_bytes(&bytes).map_err(plan_err)?;
     println!("{}", plan.summary().trim_end());
+    println!("{}", runtime::trust::describe(path, &bytes, &opts));
     Ok(())
 }
 

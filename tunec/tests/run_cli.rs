@@ -3,7 +3,9 @@
 //! - a run killed with SIGKILL after a checkpoint and resumed with `--resume` ends with the same adapter, byte for
 //!   byte, as an uninterrupted run;
 //! - a malformed record is reported with file, line and field, and `--skip-bad` skips and counts it;
-//! - the outputs a user looks at are there (metrics.jsonl, loss.svg, adapter/).
+//! - the outputs a user looks at are there (metrics.jsonl, loss.svg, adapter/);
+//! - a plan is code: `compile -o` signs the plan with the user's key, `run` and `inspect --verify` take it, and refuse
+//!   another user's plan until `tunec trust` (or `--trust-plan`) says otherwise.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -64,9 +66,10 @@ fn data(dir: &Path) -> PathBuf {
     p
 }
 
-fn tunec(args: &[&str]) -> Command {
+/// `tunec ARGS` with the test's own config dir (`TUNEC_HOME`: its plan-signing key and trust list).
+fn tunec(home: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tunec"));
-    c.args(args);
+    c.args(args).env("TUNEC_HOME", home.join("tunec-home"));
     c
 }
 
@@ -108,7 +111,7 @@ fn a_run_killed_with_sigkill_and_resumed_ends_with_the_uninterrupted_adapter() {
     let a = dir.path().join("a");
     let b = dir.path().join("b");
 
-    let whole = tunec(&run_args(d, t, a.to_str().unwrap(), "40")).output().unwrap();
+    let whole = tunec(dir.path(), &run_args(d, t, a.to_str().unwrap(), "40")).output().unwrap();
     assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));
     let stdout = String::from_utf8_lossy(&whole.stdout);
     assert!(stdout.contains("eval loss before"), "{stdout}");
@@ -117,8 +120,11 @@ fn a_run_killed_with_sigkill_and_resumed_ends_with_the_uninterrupted_adapter() {
     }
 
     // Kill the second run once it has written a checkpoint past step 4, then resume it.
-    let mut child =
-        tunec(&run_args(d, t, b.to_str().unwrap(), "40")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = tunec(dir.path(), &run_args(d, t, b.to_str().unwrap(), "40"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let t0 = Instant::now();
     let ck = |s: u64| b.join("checkpoints").join(format!("step-{s:07}.safetensors"));
     while !ck(6).exists() {
@@ -131,7 +137,7 @@ fn a_run_killed_with_sigkill_and_resumed_ends_with_the_uninterrupted_adapter() {
     assert!(!b.join("adapter/adapter_model.safetensors").exists(), "killed before the end");
     let mut resume = run_args(d, t, b.to_str().unwrap(), "40");
     resume.push("--resume");
-    let resumed = tunec(&resume).output().unwrap();
+    let resumed = tunec(dir.path(), &resume).output().unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
     let read = |p: PathBuf| std::fs::read(p).unwrap();
@@ -152,13 +158,13 @@ fn a_malformed_record_names_file_line_and_field_and_skip_bad_counts_it() {
     std::fs::write(&data, text).unwrap();
     let out = dir.path().join("o");
     let (d, t, o) = (data.to_str().unwrap(), tok.to_str().unwrap(), out.to_str().unwrap());
-    let bad = tunec(&run_args(d, t, o, "2")).output().unwrap();
+    let bad = tunec(dir.path(), &run_args(d, t, o, "2")).output().unwrap();
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("alpaca.jsonl:6") && err.contains("\"output\""), "{err}");
     let mut args = run_args(d, t, o, "2");
     args.push("--skip-bad");
-    let ok = tunec(&args).output().unwrap();
+    let ok = tunec(dir.path(), &args).output().unwrap();
     let err = String::from_utf8_lossy(&ok.stderr);
     assert!(ok.status.success(), "{err}");
     assert!(err.contains("1 skipped as bad"), "{err}");
@@ -188,7 +194,7 @@ fn a_token_id_past_the_vocabulary_is_refused_naming_the_record() {
     let (d, t, o) = (data.to_str().unwrap(), tok.to_str().unwrap(), out.to_str().unwrap());
     let mut args = run_args(d, t, o, "2");
     args.extend(["--template", "chat"]);
-    let run = tunec(&args).output().unwrap();
+    let run = tunec(dir.path(), &args).output().unwrap();
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success(), "{err}");
     assert!(
@@ -198,4 +204,59 @@ fn a_token_id_past_the_vocabulary_is_refused_naming_the_record() {
         "{err}"
     );
     assert!(!out.join("metrics.jsonl").exists(), "no step ran");
+}
+
+#[test]
+fn a_compiled_plan_is_signed_and_another_users_plan_needs_trust() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tok");
+    tokenizer_dir(&tok);
+    let data = data(dir.path());
+    let (d, t) = (data.to_str().unwrap(), tok.to_str().unwrap());
+    let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tiny.lora.rs");
+    let plan = dir.path().join("tiny.plan");
+    let p = plan.to_str().unwrap();
+    // Compiled by another user (another config dir): signed with their key, created on first use.
+    let other = dir.path().join("other");
+    let compile = tunec(&other, &["compile", recipe, "--target", "cpu", "-o", p]).output().unwrap();
+    let err = String::from_utf8_lossy(&compile.stderr);
+    assert!(compile.status.success(), "{err}");
+    assert!(err.contains("created your plan-signing key") && err.contains("signed with key"), "{err}");
+    let key = other.join("tunec-home/plan-signing.key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    // Their tunec takes it.
+    let ok = tunec(&other, &["inspect", "--verify", p]).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("trust: yes, signed with your key"));
+    // This user's: refused by run and inspect --verify; plain inspect shows it and says it is not trusted.
+    let out = dir.path().join("o");
+    let mut args = run_args(d, t, out.to_str().unwrap(), "2");
+    args[1] = p;
+    let refused = tunec(dir.path(), &args).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("refused: the plan is signed with another key") && err.contains("tunec trust"), "{err}");
+    let v = tunec(dir.path(), &["inspect", "--verify", p]).output().unwrap();
+    assert!(!v.status.success());
+    assert!(String::from_utf8_lossy(&v.stderr).contains("signed with another key"));
+    let i = tunec(dir.path(), &["inspect", p]).output().unwrap();
+    assert!(i.status.success());
+    let shown = String::from_utf8_lossy(&i.stdout);
+    assert!(
+        shown.contains("plan tiny.lora for cpu") && shown.contains("trust: NO, signed with another key"),
+        "{shown}"
+    );
+    // Trusted once, then for good.
+    let mut once = args.clone();
+    once.push("--trust-plan");
+    let ran = tunec(dir.path(), &once).output().unwrap();
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    let trust = tunec(dir.path(), &["trust", p]).output().unwrap();
+    assert!(trust.status.success(), "{}", String::from_utf8_lossy(&trust.stderr));
+    let ran = tunec(dir.path(), &args).output().unwrap();
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
 }
