@@ -16,6 +16,7 @@ mod error;
 pub mod generate;
 mod slots;
 pub mod train;
+mod validate;
 pub mod weights;
 
 pub use cpu::{CpuBackend, StepOutputs};
