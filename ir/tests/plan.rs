@@ -349,20 +349,25 @@ fn a_kernel_argument_outside_the_graph_is_inconsistent() {
 /// panics (in test builds).
 #[test]
 fn sizes_near_2_64_and_bad_indices_are_refused_by_name() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Plan)>)> = vec![
+    type PlanEdit = Box<dyn Fn(&mut Plan)>;
+    let cases: Vec<(&str, PlanEdit)> = vec![
         ("the arena is 18446744073709551605 bytes", Box::new(|p| p.arena_bytes = u64::MAX - 10)),
         ("the persistent region is", Box::new(|p| p.persistent_bytes = u64::MAX)),
-        ("buffer 3 (Arena, offset 1, 18446744073709551615 bytes", Box::new(|p| {
-            p.buffers[3].offset = 1;
-            p.buffers[3].bytes = u64::MAX;
-        })),
+        (
+            "buffer 3 (Arena, offset 1, 18446744073709551615 bytes",
+            Box::new(|p| {
+                p.buffers[3].offset = 1;
+                p.buffers[3].bytes = u64::MAX;
+            }),
+        ),
         ("buffer 2 (Persistent, offset 1536, 512 bytes", Box::new(|p| p.buffers[2].offset = 1536)),
-        ("kernel 0 `matmul:a`: argument 1 takes value %4294967295", Box::new(|p| {
-            p.kernels[0].args = vec![
-                ir::plan::KernelArg { value: 2, part: 0 },
-                ir::plan::KernelArg { value: u32::MAX, part: 0 },
-            ]
-        })),
+        (
+            "kernel 0 `matmul:a`: argument 1 takes value %4294967295",
+            Box::new(|p| {
+                p.kernels[0].args =
+                    vec![ir::plan::KernelArg { value: 2, part: 0 }, ir::plan::KernelArg { value: u32::MAX, part: 0 }]
+            }),
+        ),
         ("parameter `a` (%1) is 1 storage bytes", Box::new(|p| p.params[1].bytes = 1)),
     ];
     for (want, edit) in cases {
