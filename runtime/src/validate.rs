@@ -42,8 +42,8 @@ pub(crate) struct Layout {
     pub root: Vec<ValueId>,
     pub persistent: usize,
     pub arena: usize,
-    /// Everything the backend allocates for the plan: both regions, NF4 storage parts, constants passed as
-    /// buffers and seeds.
+    /// The memory the backend's allocations for the plan take: both regions, NF4 storage parts (on the host in
+    /// place of their plan slots, which are allocated but never touched), constants passed as buffers and seeds.
     pub total_bytes: u64,
 }
 
@@ -116,9 +116,13 @@ pub(crate) fn validate(plan: &Plan, backend: Backend) -> Result<Layout, RuntimeE
     let mut nf4_params = std::collections::HashMap::new();
     for p in &plan.params {
         if let DType::Nf4(f) = p.dtype {
-            // The parts add up to the value's storage bytes, which `Plan::check` bounded.
             let parts = nf4_part_bytes(f, p.shape.iter().product());
-            total = total.checked_add(p.bytes).ok_or_else(overflow)?;
+            // The parts add up to `p.bytes`. On the host, a plan slot for the parameter (in the persistent region,
+            // counted above) is allocated but never touched, so it takes no memory (zeroed pages come on first
+            // touch): the parts take its place. Device memory is taken when allocated.
+            if backend == Backend::Cuda || value_buffer[p.value.index()].is_none() {
+                total = total.checked_add(p.bytes).ok_or_else(overflow)?;
+            }
             nf4_params.insert(p.value, (p.name.as_str(), parts.len()));
         }
     }
