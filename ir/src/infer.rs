@@ -117,7 +117,9 @@ pub fn cast(x: &Type, to: DType) -> Rule {
 }
 
 pub fn reshape(x: &Type, shape: &[usize]) -> Rule {
-    if x.numel() != crate::types::numel(shape) {
+    // Checked: a graph read from a file may have shapes whose element counts overflow.
+    let count = |s: &[usize]| s.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if count(&x.shape).is_none() || count(&x.shape) != count(shape) {
         return Err(format!("cannot reshape {x} to {shape:?}: element counts differ"));
     }
     if matches!(x.dtype, DType::Nf4(_)) {

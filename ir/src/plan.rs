@@ -49,6 +49,33 @@ pub const MAX_PLAN_BYTES: u64 = 4 << 30;
 /// The tunec release that writes plans (all crates share the workspace version).
 pub const TUNEC_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The largest region (persistent or arena) and the largest single value a plan may declare: 16 TiB, more than any
+/// machine tunec runs on has, and far below where sizes computed from it (rounding, sums of regions) could
+/// overflow 64 bits.
+pub const MAX_REGION_BYTES: u64 = 1 << 44;
+
+/// The storage bytes of a value of type `ty` (NF4 packing and scales included), with checked arithmetic: `None`
+/// when the element count or the size overflows, or an NF4 block size is zero.
+pub fn type_bytes(ty: &crate::types::Type) -> Option<u64> {
+    let n = ty.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    let bytes = match ty.dtype {
+        DType::F32 | DType::I32 => n.checked_mul(4)?,
+        DType::BF16 | DType::F16 => n.checked_mul(2)?,
+        DType::Nf4(f) => {
+            let blocks = n.checked_div(f.block as usize)? + usize::from(n % (f.block as usize) != 0);
+            let scales = match f.double_quant {
+                None => blocks.checked_mul(4)?,
+                Some(b2) => {
+                    let blocks2 = blocks.checked_div(b2 as usize)? + usize::from(blocks % (b2 as usize) != 0);
+                    blocks.checked_add(blocks2.checked_mul(4)?)?.checked_add(4)?
+                }
+            };
+            n.div_ceil(2).checked_add(scales)?
+        }
+    };
+    u64::try_from(bytes).ok()
+}
+
 /// Everything wrong a plan file can be; each message says what was expected and what was found.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -343,7 +370,8 @@ fn param_bindings(g: &Graph) -> Vec<ParamBinding> {
                     shape: node.ty.shape.clone(),
                     role: *role,
                     init: init.clone(),
-                    bytes: node.ty.bytes() as u64,
+                    // Checked: a crafted graph's sizes may overflow; `Plan::check` refuses what does not fit.
+                    bytes: type_bytes(&node.ty).unwrap_or(u64::MAX),
                 }),
                 _ => None,
             }
@@ -447,10 +475,56 @@ impl Plan {
         Plan::from_bytes(&read_file(path)?)
     }
 
-    /// Checks what the verifier does not: the memory plan and the kernel code against the graph.
+    /// Checks what the verifier does not: the memory plan and the kernel code against the graph. Every size, offset
+    /// and count is checked arithmetic, so a plan crafted with sizes near 2^64 is refused here rather than wrapping
+    /// into a small allocation later:
+    /// - every value's storage size is computable (no overflow, NF4 block sizes not zero) and at most
+    ///   [`MAX_REGION_BYTES`]; parameters' `bytes` are their dtype's storage for their shape;
+    /// - the two regions are at most [`MAX_REGION_BYTES`] each; every buffer lies inside its region and names a
+    ///   value of the graph; every placement names a buffer or value that exists;
+    /// - one kernel code per graph kernel, in order and by name; every argument names a graph value; kernels that
+    ///   share an entry symbol (the same code) take the same number of arguments and seeds. (What a backend needs of
+    ///   each argument — its memory, its NF4 storage part — and of a launch is checked by the runtime before it
+    ///   allocates.)
     pub fn check(&self) -> Result<(), PlanError> {
         let bad = |m: String| Err(PlanError::Inconsistent(m));
         let (nodes, buffers) = (self.graph.nodes.len(), self.buffers.len());
+        for (what, bytes) in [("persistent region", self.persistent_bytes), ("arena", self.arena_bytes)] {
+            if bytes > MAX_REGION_BYTES {
+                return bad(format!(
+                    "the {what} is {bytes} bytes, more than the limit of {MAX_REGION_BYTES} bytes (16 TiB) any \
+                     machine could hold: the plan is corrupt or crafted; recompile the recipe"
+                ));
+            }
+        }
+        for v in self.graph.ids() {
+            let ty = self.graph.ty(v);
+            match type_bytes(ty) {
+                Some(b) if b <= MAX_REGION_BYTES => {}
+                Some(b) => {
+                    return bad(format!(
+                        "value {v} is {ty} ({b} bytes), more than the limit of {MAX_REGION_BYTES} bytes (16 TiB)"
+                    ))
+                }
+                None => {
+                    return bad(format!(
+                        "value {v} is {ty}, whose size overflows 64 bits (or an NF4 block size is 0): the plan is \
+                         corrupt or crafted"
+                    ))
+                }
+            }
+        }
+        for p in &self.params {
+            let want = type_bytes(self.graph.ty(p.value));
+            if want != Some(p.bytes) {
+                return bad(format!(
+                    "parameter `{}` ({}) is {} storage bytes, but its type needs {want:?}",
+                    crate::untrusted::show(&p.name),
+                    p.value,
+                    p.bytes
+                ));
+            }
+        }
         if self.values.len() != nodes {
             return bad(format!("{} value placements for {nodes} graph nodes", self.values.len()));
         }
@@ -480,14 +554,6 @@ impl Plan {
                 ));
             }
         }
-        for k in &self.kernels {
-            if let Some(a) = k.args.iter().find(|a| a.value as usize >= self.graph.nodes.len()) {
-                return Err(PlanError::Inconsistent(format!(
-                    "kernel `{}` takes value %{}, which the graph does not have",
-                    k.name, a.value
-                )));
-            }
-        }
         if self.kernels.len() != self.graph.kernels.len() {
             return bad(format!(
                 "code for {} kernels, but the graph has {}",
@@ -498,7 +564,39 @@ impl Plan {
         if let Some((i, (code, k))) =
             self.kernels.iter().zip(&self.graph.kernels).enumerate().find(|(_, (c, k))| c.name != k.name)
         {
-            return bad(format!("kernel {i} is `{}` in the graph but its code is for `{}`", k.name, code.name));
+            return bad(format!(
+                "kernel {i} is `{}` in the graph but its code is for `{}`",
+                crate::untrusted::show(&k.name),
+                crate::untrusted::show(&code.name)
+            ));
+        }
+        // The first kernel with each entry symbol: (kernel index, arguments, seeds).
+        let mut by_symbol: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
+        for (ki, k) in self.kernels.iter().enumerate() {
+            let name = crate::untrusted::show(&k.name);
+            let kbad = |m: String| Err(PlanError::Inconsistent(format!("kernel {ki} `{name}`: {m}")));
+            if let Some((i, a)) = k.args.iter().enumerate().find(|(_, a)| a.value as usize >= nodes) {
+                return kbad(format!(
+                    "argument {i} takes value %{}, which the graph does not have ({nodes} values)",
+                    a.value
+                ));
+            }
+            if !k.symbol.is_empty() {
+                let this = (ki, k.args.len(), k.seeds.len());
+                let first = *by_symbol.entry(k.symbol.as_str()).or_insert(this);
+                if (first.1, first.2) != (this.1, this.2) {
+                    return kbad(format!(
+                        "it runs `{}` with {} arguments and {} seeds, but kernel {} runs the same code with {} \
+                         arguments and {} seeds",
+                        crate::untrusted::show(&k.symbol),
+                        this.1,
+                        this.2,
+                        first.0,
+                        first.1,
+                        first.2
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -4,8 +4,11 @@
 //! Loading a plan ([`CpuBackend::new`]):
 //! - every kernel must have code (a non-empty `KernelCode::symbol`); otherwise the plan is refused, naming the
 //!   kernels ([`RuntimeError::MissingHostCode`]);
-//! - the host library is written to a temporary file and loaded (`libloading`); each distinct symbol is looked up
-//!   once;
+//! - the plan is validated first, before anything is allocated or loaded (`crate::validate`: every kernel
+//!   argument's buffer inside its allocation and large enough, indices in range, sizes with checked arithmetic), and
+//!   the memory it needs is compared with the host's `MemAvailable`;
+//! - the host library is written to a temporary file, loaded (`libloading`) and the file removed at once (nothing
+//!   is left behind if the process is killed); each distinct symbol is looked up once;
 //! - memory: one zeroed, 64-byte aligned allocation for the persistent region (parameters, optimizer states, inputs)
 //!   and one for the arena, each buffer at its planned offset; a value's buffer is its placement with `Alias` chains
 //!   and `InPlace` resolved. NF4 parameters are kept as their storage parts ([`nf4_parts`]), each its own aligned
@@ -25,9 +28,10 @@
 mod memory;
 mod pool;
 
-pub use memory::{check_nf4_format, nf4_part_bytes, nf4_parts, AlignedBuf, ALIGN};
+pub use memory::{check_nf4_format, nf4_part_bytes, nf4_parts, AlignedBuf, AllocError, ALIGN};
 
-use crate::slots::{alias_root, check_fits, read_f32, read_i32, to_usize, InputSlot};
+use crate::slots::{check_fits, read_f32, read_i32, InputSlot};
+use crate::validate::{check_memory, host_memory_available, validate, Backend, Layout};
 use crate::RuntimeError;
 use ir::interp::Value;
 use ir::nf4::Nf4Tensor;
@@ -144,7 +148,6 @@ pub struct CpuBackend {
     // Fields drop in order: the threads stop first, then the library is unloaded, then memory is freed.
     pool: Pool,
     _library: libloading::Library,
-    _library_file: tempfile::TempPath,
     /// Constants that kernels take as buffers, filled once; each kernel's run-time constants (`seeds`).
     _const_args: Vec<(ValueId, AlignedBuf)>,
     _seed_args: Vec<AlignedBuf>,
@@ -182,34 +185,17 @@ impl CpuBackend {
     /// Loads `plan`: checks that every kernel has host code, loads the host library, allocates memory and resolves
     /// every kernel argument, and starts `threads` threads (0: [`default_threads`]; the caller's thread is one).
     pub fn new(plan: &Plan, threads: usize) -> Result<CpuBackend, RuntimeError> {
-        plan.check()?;
-        let missing: Vec<String> =
-            plan.kernels.iter().filter(|k| k.symbol.is_empty()).map(|k| k.name.clone()).collect();
-        if !missing.is_empty() {
-            return Err(RuntimeError::MissingHostCode { kernels: missing });
-        }
+        // Every size, offset and kernel argument against the memory allocated below, before anything is.
+        let layout = validate(plan, Backend::Cpu)?;
+        check_memory("host memory (MemAvailable)", layout.total_bytes, host_memory_available())?;
+        let Layout { value_buffer, root, .. } = layout;
         let g = &plan.graph;
-        let value_buffer: Vec<Option<u32>> = g.ids().map(|v| value_buffer(plan, v)).collect::<Result<_, _>>()?;
-        let root: Vec<ValueId> = g.ids().map(|v| alias_root(plan, v)).collect();
-        let mut in_kernel = vec![false; g.nodes.len()];
-        for k in &g.kernels {
-            for v in &k.nodes {
-                in_kernel[v.index()] = true;
-            }
-        }
-        let is_view = |op: &Op| matches!(op, Op::Reshape { .. } | Op::StopGradient {});
-        if let Some(v) = g.ids().find(|v| {
-            let op = &g.node(*v).op;
-            !op.is_leaf() && !is_view(op) && !in_kernel[v.index()]
-        }) {
-            return Err(RuntimeError::Unsupported(format!(
-                "value {v} (`{}`) is computed by no kernel: the plan's graph was not fused",
-                g.node(v).op.mnemonic()
-            )));
-        }
-
-        let persistent = AlignedBuf::zeroed(to_usize(plan.persistent_bytes)?);
-        let arena = AlignedBuf::zeroed(to_usize(plan.arena_bytes)?);
+        let alloc = |bytes: usize, what: &str| {
+            AlignedBuf::zeroed(bytes)
+                .map_err(|e| RuntimeError::Alloc { what: format!("{what} ({bytes} bytes)"), message: e.to_string() })
+        };
+        let persistent = alloc(layout.persistent, "the persistent region")?;
+        let arena = alloc(layout.arena, "the arena")?;
         let region_base = |r: Region| match r {
             Region::Persistent => persistent.as_mut_ptr(),
             Region::Arena => arena.as_mut_ptr(),
@@ -223,8 +209,9 @@ impl CpuBackend {
                     format,
                     parts: nf4_part_bytes(format, p.shape.iter().product())
                         .into_iter()
-                        .map(AlignedBuf::zeroed)
-                        .collect(),
+                        .enumerate()
+                        .map(|(i, n)| alloc(n, &format!("part {i} of `{}`", p.name)))
+                        .collect::<Result<_, _>>()?,
                     tensor: None,
                 }),
                 _ => None,
@@ -249,7 +236,7 @@ impl CpuBackend {
             params.iter().enumerate().filter(|(_, p)| p.nf4.is_some()).map(|(i, p)| (p.binding.value, i)).collect();
 
         // The host library and its symbols.
-        let (library, library_file) = match &plan.host_library {
+        let library = match &plan.host_library {
             Some(bytes) => load_library(bytes)?,
             None => return Err(RuntimeError::NoHostLibrary),
         };
@@ -338,7 +325,7 @@ impl CpuBackend {
             }
             if !k.seeds.is_empty() {
                 // Run-time constants follow the buffers as one more pointer, to `seeds.len()` u64s.
-                let mut buf = AlignedBuf::zeroed(8 * k.seeds.len());
+                let mut buf = alloc(8 * k.seeds.len(), &format!("the seeds of kernel '{}'", k.name))?;
                 for (slot, seed) in buf.bytes_mut().chunks_exact_mut(8).zip(&k.seeds) {
                     slot.copy_from_slice(&seed.to_le_bytes());
                 }
@@ -451,7 +438,6 @@ impl CpuBackend {
         Ok(CpuBackend {
             pool,
             _library: library,
-            _library_file: library_file,
             _const_args: const_args,
             _seed_args: seed_args,
             persistent,
@@ -787,22 +773,58 @@ fn const_buffer(ty: &ir::Type, value: f64) -> Result<AlignedBuf, String> {
         DType::I32 => (value as i32).to_le_bytes(),
         other => return Err(format!("a {other} constant is passed as a buffer; the cpu backend fills f32 and i32")),
     };
-    let mut buf = AlignedBuf::zeroed(4 * ty.numel());
+    let mut buf = AlignedBuf::zeroed(4 * ty.numel()).map_err(|e| e.to_string())?;
     buf.bytes_mut().chunks_exact_mut(4).for_each(|e| e.copy_from_slice(&element));
     Ok(buf)
 }
 
-/// Writes the host library to a temporary file (kept until the backend is dropped) and loads it.
-fn load_library(bytes: &[u8]) -> Result<(libloading::Library, tempfile::TempPath), RuntimeError> {
+/// The prefix of the temporary file a host library is loaded from: `tunec-host-<pid>-<random>.so`.
+const HOST_LIBRARY_PREFIX: &str = "tunec-host-";
+
+/// Loads the host library: written to a temporary file, loaded, and the file removed at once (the loaded library
+/// stays mapped), so a process killed while it runs leaves no file behind. A kill in the moment between writing and
+/// removing can still leave one: its name carries the process id, and the next load removes the files of processes
+/// that are gone ([`remove_stale_host_libraries`]).
+fn load_library(bytes: &[u8]) -> Result<libloading::Library, RuntimeError> {
     let lib_err = |e: &dyn std::fmt::Display| RuntimeError::Library(e.to_string());
-    let mut file = tempfile::Builder::new().prefix("tunec-host-").suffix(".so").tempfile().map_err(|e| lib_err(&e))?;
+    let dir = std::env::temp_dir();
+    remove_stale_host_libraries(&dir);
+    let prefix = format!("{HOST_LIBRARY_PREFIX}{}-", std::process::id());
+    let mut file = tempfile::Builder::new().prefix(&prefix).suffix(".so").tempfile_in(&dir).map_err(|e| lib_err(&e))?;
     file.write_all(bytes).map_err(|e| lib_err(&e))?;
     file.flush().map_err(|e| lib_err(&e))?;
     let path = file.into_temp_path();
     // SAFETY: the library is the plan's host code: its initializers are the C runtime's (codegen links plain
     // functions, no constructors).
-    let lib = unsafe { libloading::Library::new(path.as_os_str()) }.map_err(|e| lib_err(&e))?;
-    Ok((lib, path))
+    let lib = unsafe { libloading::Library::new(path.as_os_str()) }.map_err(|e| lib_err(&e));
+    // Removed whether it loaded or not; a failure to remove it is left to the next load's clean-up.
+    let _ = path.close();
+    lib
+}
+
+/// Removes the host library files (`tunec-host-<pid>-*.so`) in `dir` of processes that no longer run (no
+/// `/proc/<pid>`): what a process killed while loading its library left behind. Returns how many it removed. Files
+/// of running processes, of other users (which the sticky `/tmp` keeps us from removing) and names that do not
+/// follow the pattern are left alone; without `/proc` nothing is removed.
+pub fn remove_stale_host_libraries(dir: &Path) -> usize {
+    if !Path::new("/proc/self").exists() {
+        return 0;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(HOST_LIBRARY_PREFIX)) else { continue };
+        let Some((pid, tail)) = rest.split_once('-') else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if !tail.ends_with(".so") || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 fn write_f32(out: &mut [u8], data: &[f32]) {

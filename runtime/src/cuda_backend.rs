@@ -20,9 +20,10 @@
 //! (device-to-device; one whose source is itself a persistent buffer goes through a scratch allocation first, so no
 //! copy reads what another one wrote), the stream is synchronized and the loss and metrics are read back.
 
-use crate::cpu::{check_nf4_format, nf4_part_bytes, nf4_parts, value_buffer, StepOutputs};
+use crate::cpu::{check_nf4_format, nf4_part_bytes, nf4_parts, StepOutputs};
 use crate::cuda::{cuda_device, CudaUnavailable, DeviceInfo};
-use crate::slots::{alias_root, check_fits, read_f32, read_i32, to_usize, InputSlot};
+use crate::slots::{check_fits, read_f32, read_i32, InputSlot};
+use crate::validate::{check_memory, validate, Backend, Layout};
 use crate::RuntimeError;
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig};
 use cudarc::driver::{DevicePtr, PushKernelArg};
@@ -185,55 +186,31 @@ impl CudaBackend {
     /// Loads `plan` onto device `ordinal`: probes the driver (a clean error without one), picks and loads the PTX
     /// module, allocates device memory and resolves every kernel argument.
     pub fn new(plan: &Plan, ordinal: usize) -> Result<CudaBackend, CudaError> {
-        // The probe first: it never panics without a driver, and nothing below runs without one.
+        // The plan first (every size, offset and kernel argument against the memory allocated below), so a bad
+        // plan is refused on any machine; then the probe: it never panics without a driver, and nothing below runs
+        // without one.
+        let layout = validate(plan, Backend::Cuda)?;
         let device = cuda_device(ordinal)?;
-        plan.check().map_err(RuntimeError::from)?;
-        let missing: Vec<String> =
-            plan.kernels.iter().filter(|k| k.symbol.is_empty()).map(|k| k.name.clone()).collect();
-        if !missing.is_empty() {
-            return Err(RuntimeError::Unsupported(format!(
-                "{} kernels have no code (first: `{}`)",
-                missing.len(),
-                missing[0]
-            ))
-            .into());
-        }
         let available: Vec<u32> = plan.ptx_modules.keys().copied().collect();
         let ptx_sm = pick_ptx_arch(available.iter().copied(), device.sm())
             .ok_or(CudaError::NoPtx { device: device.sm(), available: available.clone() })?;
-
+        let Layout { value_buffer, root, .. } = layout;
         let g = &plan.graph;
-        let value_buffer: Vec<Option<u32>> = g.ids().map(|v| value_buffer(plan, v)).collect::<Result<_, _>>()?;
-        let root: Vec<ValueId> = g.ids().map(|v| alias_root(plan, v)).collect();
-        let mut in_kernel = vec![false; g.nodes.len()];
-        for k in &g.kernels {
-            for v in &k.nodes {
-                in_kernel[v.index()] = true;
-            }
-        }
-        let is_view = |op: &Op| matches!(op, Op::Reshape { .. } | Op::StopGradient {});
-        if let Some(v) = g.ids().find(|v| {
-            let op = &g.node(*v).op;
-            !op.is_leaf() && !is_view(op) && !in_kernel[v.index()]
-        }) {
-            return Err(RuntimeError::Unsupported(format!(
-                "value {v} (`{}`) is computed by no kernel: the plan's graph was not fused",
-                g.node(v).op.mnemonic()
-            ))
-            .into());
-        }
 
         let ctx = CudaContext::new(ordinal).map_err(driver(format!("creating a context on device {ordinal}")))?;
         // One stream, in order: cudarc's cross-stream events are not needed.
         // SAFETY: every allocation and every launch of this backend is on `stream`.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(driver("creating a stream"))?;
+        // Device memory before any allocation or code: refused with the numbers rather than failing half-way.
+        let free = ctx.mem_get_info().map(|(free, _)| free as u64).ok();
+        check_memory("GPU memory (free on the device)", layout.total_bytes, free)?;
         let module = ctx
             .load_module(Ptx::from_src(plan.ptx_modules[&ptx_sm].clone()))
             .map_err(driver(format!("loading the plan's sm_{ptx_sm} PTX module")))?;
 
-        let persistent = DevBuf::zeroed(&stream, to_usize(plan.persistent_bytes)?, "the persistent region")?;
-        let arena = DevBuf::zeroed(&stream, to_usize(plan.arena_bytes)?, "the arena")?;
+        let persistent = DevBuf::zeroed(&stream, layout.persistent, "the persistent region")?;
+        let arena = DevBuf::zeroed(&stream, layout.arena, "the arena")?;
         let region_base = |r: Region| match r {
             Region::Persistent => persistent.ptr,
             Region::Arena => arena.ptr,

@@ -55,6 +55,17 @@ pub enum RuntimeError {
     /// A parameter was read before it was set.
     #[error("parameter `{0}` has not been set")]
     NotSet(String),
+    /// The plan needs more memory than is available: refused before anything is allocated.
+    #[error(
+        "the plan needs {} of {memory}, but {} is available: recompile the recipe with `--recompute per-block` \
+         or a smaller micro_batch / seq_len, or free memory",
+        gib(*needed),
+        gib(*available)
+    )]
+    NotEnoughMemory { memory: String, needed: u64, available: u64 },
+    /// An allocation failed (the system refused it): an error, not an abort.
+    #[error("cannot allocate {what}: {message}")]
+    Alloc { what: String, message: String },
     /// An initializer could not be materialized.
     #[error("cannot initialize parameter `{name}`: {source}")]
     Init {
@@ -62,6 +73,11 @@ pub enum RuntimeError {
         #[source]
         source: ir::init::InitError,
     },
+}
+
+/// `bytes` in GiB with one decimal, and exactly: `40.0 GiB (42949672960 bytes)`.
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB ({bytes} bytes)", bytes as f64 / (1u64 << 30) as f64)
 }
 
 /// At most this many names are spelled out in a message; the rest are counted.

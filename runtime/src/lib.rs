@@ -18,6 +18,7 @@ pub mod generate;
 mod slots;
 pub mod train;
 pub mod trust;
+mod validate;
 pub mod weights;
 
 pub use cpu::{CpuBackend, StepOutputs};

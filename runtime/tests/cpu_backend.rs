@@ -518,3 +518,98 @@ fn seeds_follow_the_buffers() {
     let (a, b) = ((100 % 97) as f32, (u64::MAX % 97) as f32);
     assert_eq!(cpu.step().unwrap().logits().unwrap(), &[a, b, a, b, a, b, a, b]);
 }
+
+/// The message of a plan the cpu backend refuses (and that it refuses it at all).
+fn refusal(plan: &Plan) -> String {
+    match CpuBackend::new(plan, 1) {
+        Ok(_) => panic!("the plan was loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Defect 2 (a): an arena of nearly 2^64 bytes used to wrap to a tiny allocation (release builds) that the kernels
+/// then wrote past (SIGSEGV). Refused when read and when loaded, before anything is allocated.
+#[test]
+fn an_arena_near_2_64_bytes_is_refused_before_allocating() {
+    let (mut plan, _) = sgd_plan(b"not loaded");
+    plan.arena_bytes = u64::MAX - 10;
+    let err = Plan::from_bytes(&plan.to_bytes().unwrap()).unwrap_err();
+    assert!(matches!(err, ir::plan::PlanError::Inconsistent(_)), "{err:?}");
+    assert!(err.to_string().contains("the arena is 18446744073709551605 bytes, more than the limit"), "{err}");
+    let err = CpuBackend::new(&plan, 1).unwrap_err();
+    assert!(matches!(err, RuntimeError::Plan(ir::plan::PlanError::Inconsistent(_))), "{err:?}");
+    // The largest a region may be still has every buffer checked, and then the memory available.
+    let (mut plan, _) = sgd_plan(b"not loaded");
+    plan.persistent_bytes = ir::plan::MAX_REGION_BYTES;
+    let err = CpuBackend::new(&plan, 1).unwrap_err();
+    assert!(matches!(err, RuntimeError::NotEnoughMemory { .. }), "{err:?}");
+}
+
+/// Defect 2 (b): a buffer whose offset + bytes leave its region (or overflow) names the buffer.
+#[test]
+fn a_buffer_beyond_its_region_is_refused_by_name() {
+    let (mut plan, _) = sgd_plan(b"not loaded");
+    plan.buffers[4].offset = 1000;
+    assert!(refusal(&plan).contains("buffer 4 (Arena, offset 1000, 256 bytes"), "{}", refusal(&plan));
+    let (mut plan, _) = sgd_plan(b"not loaded");
+    plan.buffers[2].offset = 512;
+    plan.buffers[2].bytes = u64::MAX - 100;
+    assert!(refusal(&plan).contains("buffer 2 (Persistent, offset 512, 18446744073709551515 bytes"));
+}
+
+/// Defect 2 (c): a value in a buffer smaller than its type — a kernel argument, or a constant output the backend
+/// fills — is refused naming the value and the buffer (a constant output used to be written past its buffer).
+#[test]
+fn a_value_in_a_too_small_buffer_is_refused_by_name() {
+    let (mut plan, ids) = sgd_plan(b"not loaded");
+    plan.buffers[4].bytes = 16;
+    let err = refusal(&plan);
+    let want = format!("value {} (f32[8], 32 bytes) is placed in buffer 4 (Arena, offset 0), which has only 16", ids.a);
+    assert!(err.contains(&want), "{err}");
+    let (mut plan, _) = sgd_plan(b"not loaded");
+    plan.buffers[7].bytes = 2;
+    let err = refusal(&plan);
+    assert!(err.contains("(f32[], 4 bytes) is placed in buffer 7 (Arena, offset 768), which has only 2"), "{err}");
+}
+
+/// Defect 2 (d): indices out of range — a kernel argument's value, a placement's buffer, `zero_host`/`zero_gpu`
+/// (also the seeds pointer's slot, which used to index past the sizes: a panic) — and kernels that share code but
+/// not its argument count are refused by name.
+#[test]
+fn indices_out_of_range_are_refused_by_name() {
+    let (mut plan, _) = sgd_plan(b"not loaded");
+    plan.kernels[2].args[3].value = 4_000_000_000;
+    let err = refusal(&plan);
+    assert!(err.contains("kernel 2 `update:p`: argument 3 takes value %4000000000"), "{err}");
+    let (mut plan, ids) = sgd_plan(b"not loaded");
+    plan.values[ids.m1.index()] = ValuePlacement::Owns(8);
+    assert!(refusal(&plan).contains("is placed at Owns(8), but there are 8 buffers"), "{}", refusal(&plan));
+    let (mut plan, _) = sgd_plan(b"not loaded");
+    plan.kernels[3].launch.as_mut().unwrap().zero_gpu = vec![3];
+    assert_eq!(refusal(&plan), "kernel 'add:m': zero_gpu names argument 3, but the kernel has 3");
+    let (mut plan, _) = sgd_plan(b"not loaded");
+    plan.kernels[0].seeds = vec![1];
+    plan.kernels[0].launch.as_mut().unwrap().zero_host = vec![3];
+    assert_eq!(refusal(&plan), "kernel 'add:a': zero_host names argument 3, but the kernel has 3");
+    let (mut plan, _) = sgd_plan(b"not loaded");
+    plan.kernels[3].symbol = "t_add".into();
+    plan.kernels[3].args.truncate(2);
+    let err = refusal(&plan);
+    assert!(err.contains("kernel 3 `add:m`: it runs `t_add` with 2 arguments and 0 seeds, but kernel 0"), "{err}");
+}
+
+/// Defect 4: a plan needing more memory than the host has available is refused before allocating, with both
+/// numbers and the fix (it used to abort in the allocator).
+#[test]
+fn a_plan_needing_more_than_mem_available_is_refused() {
+    let (mut plan, _) = sgd_plan(b"not loaded");
+    plan.arena_bytes = 1 << 43;
+    let err = CpuBackend::new(&plan, 1).unwrap_err();
+    let msg = err.to_string();
+    let RuntimeError::NotEnoughMemory { needed, available, .. } = err else { panic!("{msg}") };
+    assert_eq!(needed, (1 << 43) + 1024);
+    assert!(available < needed);
+    assert!(msg.starts_with("the plan needs 8192.0 GiB (8796093023232 bytes) of host memory (MemAvailable), but "));
+    assert!(msg.contains(&format!("({available} bytes) is available")), "{msg}");
+    assert!(msg.contains("--recompute per-block` or a smaller micro_batch / seq_len"), "{msg}");
+}

@@ -299,3 +299,26 @@ fn sgd_steps_on_the_gpu_match_the_interpreter() {
     let culprit = gpu.first_nonfinite().unwrap().unwrap();
     assert!(culprit.contains("parameter `m`"), "{culprit}");
 }
+
+/// Defect 2: the cuda backend validates a plan (the same check as the cpu backend's) before it probes the driver,
+/// allocates or loads PTX, so a crafted plan is refused by name on any machine.
+#[test]
+fn a_bad_plan_is_refused_before_the_driver_is_touched() {
+    let (mut plan, _, _) = sgd_plan();
+    plan.arena_bytes = u64::MAX - 10;
+    let err = CudaBackend::new(&plan, 0).unwrap_err();
+    assert!(matches!(err, CudaError::Runtime(runtime::RuntimeError::Plan(_))), "{err:?}");
+    assert!(err.to_string().contains("the arena is 18446744073709551605 bytes"), "{err}");
+    let (mut plan, _, _) = sgd_plan();
+    plan.buffers[4].bytes = 16;
+    let err = CudaBackend::new(&plan, 0).unwrap_err().to_string();
+    assert!(err.contains("which has only 16 bytes: a kernel would write past it"), "{err}");
+    let (mut plan, _, _) = sgd_plan();
+    plan.kernels[1].launch.as_mut().unwrap().block = 4096;
+    let err = CudaBackend::new(&plan, 0).unwrap_err().to_string();
+    assert!(err.starts_with("kernel 'sum:loss': launch grid (1, 1, 1) with blocks of 4096"), "{err}");
+    let (mut plan, _, _) = sgd_plan();
+    plan.kernels[1].launch.as_mut().unwrap().zero_gpu = vec![2];
+    let err = CudaBackend::new(&plan, 0).unwrap_err().to_string();
+    assert_eq!(err, "kernel 'sum:loss': zero_gpu names argument 2, but the kernel has 2");
+}

@@ -429,3 +429,40 @@ fn bf16_gemms_change_the_qlora_loss_by_rounding_only() {
     let rel = ((b - f) / f).abs();
     assert!(rel > 1e-6 && rel < 1e-2, "f32 loss {f}, bf16 loss {b}: relative change {rel}");
 }
+
+/// Real plans of the tiny recipes (dropout seeds, NF4 parts, shared kernels) pass the runtime's validation, and a
+/// crafted arena near 2^64 in one of them is refused (defect 2) rather than wrapped into a tiny allocation.
+#[test]
+fn real_plans_pass_validation_and_a_huge_arena_is_refused() {
+    let mut plan = recipe_plan("tiny.qlora.rs");
+    CpuBackend::new(&plan, 1).expect("a real plan loads");
+    plan.arena_bytes = u64::MAX - 10;
+    let err = Plan::from_bytes(&plan.to_bytes().unwrap()).unwrap_err().to_string();
+    assert!(err.contains("the arena is 18446744073709551605 bytes"), "{err}");
+    let err = CpuBackend::new(&plan, 1).unwrap_err().to_string();
+    assert!(err.contains("the arena is 18446744073709551605 bytes"), "{err}");
+}
+
+/// Defect 4: `tunec compile` warns when the memory plan's peak exceeds the target's memory, with both numbers and
+/// the fix; a plan that fits gets no warning.
+#[test]
+fn a_plan_over_the_target_memory_gets_a_warning() {
+    let recipe = compile_example("tiny.lora.rs");
+    let opts = plan_source::pipeline_options(&recipe, "cpu", None).unwrap();
+    let mut g = recipe.forward.clone();
+    PassManager::new(passes::training_pipeline(&opts)).run(&mut g).unwrap();
+    let memory = passes::memory::plan(&g);
+    assert_eq!(plan_source::memory_warning(&memory, &opts.target), None, "the tiny recipe fits 24 GiB");
+    let small = passes::target::Target { memory_bytes: memory.peak_bytes as f64 / 2.0, ..opts.target.clone() };
+    let w = plan_source::memory_warning(&memory, &small).expect("a warning");
+    let gib = |b: f64| format!("{:.1} GiB", b / (1u64 << 30) as f64);
+    assert_eq!(
+        w,
+        format!(
+            "warning: the plan needs {} at peak, the target (cpu) has {}: use --recompute per-block or a smaller \
+             micro_batch / seq_len",
+            gib(memory.peak_bytes as f64),
+            gib(memory.peak_bytes as f64 / 2.0)
+        )
+    );
+}

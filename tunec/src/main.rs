@@ -254,6 +254,9 @@ fn compile(args: &CompileArgs) -> Result<(), String> {
     }
     if let Some(out) = output {
         let memory = passes::memory::plan(&graph);
+        if let Some(warning) = plan_source::memory_warning(&memory, &opts.target) {
+            eprintln!("{warning}");
+        }
         let mut plan = plan_source::plan_of(&recipe, graph.clone(), &memory, opts.target.name)
             .map_err(|e| format!("error: building the plan: {e}"))?;
         if let Some(b) = &build {

@@ -37,6 +37,21 @@ pub fn memory_parts(memory: &MemoryPlan) -> (Vec<ValuePlacement>, Vec<PlanBuffer
     (values, buffers)
 }
 
+/// The warning `tunec compile` prints when the memory plan's peak exceeds the target's memory; `None` when it fits.
+pub fn memory_warning(memory: &MemoryPlan, target: &passes::target::Target) -> Option<String> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let peak = memory.peak_bytes as f64;
+    (peak > target.memory_bytes).then(|| {
+        format!(
+            "warning: the plan needs {:.1} GiB at peak, the target ({}) has {:.1} GiB: use --recompute per-block or a \
+             smaller micro_batch / seq_len",
+            peak / GIB,
+            target.name,
+            target.memory_bytes / GIB
+        )
+    })
+}
+
 /// The plan for `graph`, the optimized training step of `recipe`, with its memory plan `memory`, built for `target`.
 pub fn plan_of(
     recipe: &CompiledRecipe,

@@ -3,7 +3,7 @@
 
 use ir::nf4::{Nf4Scales, Nf4Tensor};
 use ir::Nf4Format;
-use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
+use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 
 /// Alignment of every allocation (a cache line; AVX-512 vectors).
@@ -21,21 +21,25 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    /// `len` zero bytes (the allocation is rounded up to a multiple of [`ALIGN`]).
-    pub fn zeroed(len: usize) -> AlignedBuf {
+    /// `len` zero bytes (the allocation is rounded up to a multiple of [`ALIGN`]). A size that cannot be laid out
+    /// (the rounding overflows, or it exceeds `isize::MAX`) or that the allocator refuses is an error, never an abort
+    /// or a smaller allocation.
+    pub fn zeroed(len: usize) -> Result<AlignedBuf, AllocError> {
         if len == 0 {
             // A dangling but aligned pointer: never dereferenced (no bytes), never freed.
-            return AlignedBuf { ptr: NonNull::new(ALIGN as *mut u8).expect("non-null"), len };
+            return Ok(AlignedBuf { ptr: NonNull::new(ALIGN as *mut u8).expect("non-null"), len });
         }
-        let layout = Self::layout(len);
+        let layout = Self::layout(len).ok_or(AllocError { bytes: len, refused: false })?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(ptr) else { handle_alloc_error(layout) };
-        AlignedBuf { ptr, len }
+        let ptr = NonNull::new(ptr).ok_or(AllocError { bytes: len, refused: true })?;
+        Ok(AlignedBuf { ptr, len })
     }
 
-    fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len.div_ceil(ALIGN) * ALIGN, ALIGN).expect("allocation size overflows")
+    /// The layout of an allocation of `len` bytes: rounded up to [`ALIGN`] with checked arithmetic.
+    fn layout(len: usize) -> Option<Layout> {
+        let size = len.div_ceil(ALIGN).checked_mul(ALIGN)?;
+        Layout::from_size_align(size, ALIGN).ok()
     }
 
     pub fn len(&self) -> usize {
@@ -65,11 +69,35 @@ impl AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if self.len > 0 {
-            // SAFETY: allocated in `zeroed` with this layout.
-            unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+            // The layout `zeroed` allocated with (it was valid then, so it is now).
+            if let Some(layout) = Self::layout(self.len) {
+                // SAFETY: allocated in `zeroed` with this layout.
+                unsafe { dealloc(self.ptr.as_ptr(), layout) }
+            }
         }
     }
 }
+
+/// An allocation [`AlignedBuf::zeroed`] could not make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocError {
+    /// The bytes asked for.
+    pub bytes: usize,
+    /// `true`: the allocator returned no memory; `false`: the size cannot be allocated at all on this machine.
+    pub refused: bool,
+}
+
+impl std::fmt::Display for AllocError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.refused {
+            write!(f, "the system could not allocate {} bytes of host memory", self.bytes)
+        } else {
+            write!(f, "{} bytes cannot be allocated on this machine (larger than its address space allows)", self.bytes)
+        }
+    }
+}
+
+impl std::error::Error for AllocError {}
 
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,4 +156,28 @@ pub fn check_nf4_format(q: &Nf4Tensor, f: Nf4Format, shape: &[usize]) -> Result<
         return Err(format!("storage parts of {got:?} bytes, expected {want:?}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defect 2: `len.div_ceil(64) * 64` used to wrap for sizes near 2^64 (to 0 in release builds: a zero-size
+    /// allocation the kernels then wrote past). Now such a size is an error, and so is one the system refuses.
+    #[test]
+    fn sizes_that_cannot_be_allocated_are_errors() {
+        let err = AlignedBuf::zeroed(usize::MAX - 10).unwrap_err();
+        assert_eq!(err, AllocError { bytes: usize::MAX - 10, refused: false });
+        assert!(err.to_string().contains("cannot be allocated on this machine"), "{err}");
+        let err = AlignedBuf::zeroed(isize::MAX as usize).unwrap_err();
+        assert!(!err.refused, "larger than a layout allows");
+        // Allowed by the layout, more than any address space: the allocator returns null, which is an error.
+        let err = AlignedBuf::zeroed(1 << 62).unwrap_err();
+        assert_eq!(err, AllocError { bytes: 1 << 62, refused: true });
+        assert!(err.to_string().contains("could not allocate 4611686018427387904 bytes"), "{err}");
+        let buf = AlignedBuf::zeroed(65).unwrap();
+        assert_eq!((buf.len(), buf.as_mut_ptr() as usize % ALIGN), (65, 0));
+        assert!(buf.bytes().iter().all(|&b| b == 0));
+        assert!(AlignedBuf::zeroed(0).unwrap().is_empty());
+    }
 }
