@@ -52,6 +52,9 @@ fn param(it: &mut Interp, a: &Args) -> Result<Value, Error> {
     // made building a deep model quadratic); a name seen before is confirmed against the graph being built.
     let seen = !it.param_names.insert(name.text.clone());
     let b = builder(it, a.call)?;
+    if seen {
+        crate::peft::count_visits(b.graph.nodes.len());
+    }
     if seen && b.graph.param(&name.text).is_some() {
         let msg = format!("parameter `{}` is declared twice", ir::untrusted::show(&name.text));
         return Err(Error::new(DiagKind::Duplicate, a.span(0), msg));
