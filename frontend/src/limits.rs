@@ -26,7 +26,7 @@ pub const MAX_SOURCE_BYTES: usize = 1 << 20;
 pub const MAX_NESTING: usize = 256;
 
 /// Evaluation steps of one compilation: one per expression, statement and loop iteration, plus one per element
-/// or byte processed by a built-in on a large value. The 512-layer Llama recipe takes about 0.5 million.
+/// visited by a built-in on a large value. The 7B QLoRA recipe still compiles at 512 layers.
 pub const MAX_STEPS: u64 = 10_000_000;
 
 /// Deepest nesting of calls of DSL functions.
