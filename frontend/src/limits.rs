@@ -231,7 +231,8 @@ pub fn check_nesting(file: FileId, text: &str) -> Result<(), Error> {
             b'\'' => {
                 // A char literal ('a', '\n', '\u{..}') or a lifetime / label ('a).
                 if b.get(i + 1) == Some(&b'\\') {
-                    i += 2;
+                    // Skip the backslash and the escaped character (`'\''`), then up to the closing quote.
+                    i += 3;
                     while i < b.len() && b[i] != b'\'' && b[i] != b'\n' {
                         i += 1;
                     }
@@ -270,7 +271,7 @@ pub fn check_nesting(file: FileId, text: &str) -> Result<(), Error> {
                 } else if word == "b" && b.get(i) == Some(&b'\'') {
                     i += 1;
                     if b.get(i) == Some(&b'\\') {
-                        i += 1;
+                        i += 2;
                     }
                     while i < b.len() && b[i] != b'\'' && b[i] != b'\n' {
                         i += 1;
@@ -408,6 +409,7 @@ mod tests {
             "(".repeat(999)
         )));
         assert!(depth_ok(&format!("fn f() {{ r#\"{}\"#; b'('; '('; 'a; }}", "(".repeat(999))));
+        assert!(depth_ok(&format!("fn f() {{ let c = '\\''; let d = b'\\''; \"{}\" }}", "(".repeat(999))));
         // `else if` chains and `{..} + {..}` chains still count.
         assert!(!depth_ok(&format!("fn f() {{ if a {{}} {} }}", "else if a {} ".repeat(MAX_NESTING))));
         assert!(!depth_ok(&format!("fn f() {{ let x = {{1}}{}; }}", " + {1}".repeat(MAX_NESTING))));
