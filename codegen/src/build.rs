@@ -203,8 +203,10 @@ pub fn build(g: &Graph, opts: &BuildOptions) -> Result<Build, CodegenError> {
     let mut by_key: HashMap<String, usize> = HashMap::new();
     let mut kernel_distinct: Vec<Option<usize>> = vec![];
     let mut templates: Vec<Option<Template>> = vec![];
+    // One reader index for all groups (`Template::of` builds one per call: quadratic over a deep model's kernels).
+    let uses = kernels::template::Uses::of(g);
     for k in &g.kernels {
-        let t = Template::of(g, k).map(|mut t| {
+        let t = Template::of_with(g, k, &uses).map(|mut t| {
             if let Template::Gemm(gm) = &mut t {
                 gm.precision = opts.gemm_precision;
             }

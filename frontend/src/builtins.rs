@@ -7,7 +7,7 @@ use crate::eval::Interp;
 use crate::ops::as_f64;
 use crate::peft::targets::Targets;
 use crate::value::{Str, Value};
-use crate::{recipe, schema, tensor};
+use crate::{limits, recipe, schema, tensor};
 use std::rc::Rc;
 
 /// A built-in function.
@@ -189,25 +189,44 @@ pub fn assoc(it: &mut Interp, ty: &str, name: &str, a: &Args) -> Option<Result<V
 /// Methods that change their receiver (which must be a `mut` place).
 pub const MUTATING_METHODS: &[&str] = &["push", "pop", "extend", "insert", "clear", "push_str"];
 
-pub fn mutate(target: &mut Value, a: &Args) -> Result<Value, Error> {
+/// Applies a mutating method; returns its value and the bytes of new values it created (for the budget). Lengths
+/// are checked against `limits.rs` before anything grows.
+pub fn mutate(target: &mut Value, a: &Args) -> Result<(Value, u64), Error> {
+    let slots = |n: usize| (n as u64).saturating_mul(limits::SLOT_BYTES);
+    // Growing a shared list copies it first.
+    let copied = match &*target {
+        Value::List(items) if Rc::strong_count(items) > 1 => slots(items.len()),
+        _ => 0,
+    };
+    let unit = |bytes: u64| Ok((Value::Unit, bytes.saturating_add(copied)));
     match (a.name.as_str(), target) {
         ("push", Value::List(items)) => {
             a.expect(1)?;
+            limits::check_list_len(items.len() as u128 + 1, a.call)?;
             Rc::make_mut(items).push(a.vals[0].clone());
-            Ok(Value::Unit)
+            unit(slots(1))
         }
         ("pop", Value::List(items)) => {
             a.expect(0)?;
-            Rc::make_mut(items).pop().ok_or_else(|| Error::new(DiagKind::Eval, a.call, "`pop` on an empty list"))
+            let v = Rc::make_mut(items)
+                .pop()
+                .ok_or_else(|| Error::new(DiagKind::Eval, a.call, "`pop` on an empty list"))?;
+            Ok((v, copied))
         }
         ("extend", Value::List(items)) => {
             a.expect(1)?;
+            let more = match &a.vals[0] {
+                Value::List(more) => more.len() as u128,
+                Value::Range(x, y) => (i128::from(*y) - i128::from(*x)).max(0) as u128,
+                _ => return Err(a.wrong(0, "a list")),
+            };
+            limits::check_list_len(items.len() as u128 + more, a.span(0))?;
             match &a.vals[0] {
                 Value::List(more) => Rc::make_mut(items).extend(more.iter().cloned()),
                 Value::Range(x, y) => Rc::make_mut(items).extend((*x..*y).map(Value::Int)),
                 _ => return Err(a.wrong(0, "a list")),
             }
-            Ok(Value::Unit)
+            unit(slots(more as usize))
         }
         ("insert", Value::List(items)) => {
             a.expect(2)?;
@@ -219,19 +238,22 @@ pub fn mutate(target: &mut Value, a: &Args) -> Result<Value, Error> {
                     format!("insertion index {i} > len {}", items.len()),
                 ));
             }
+            limits::check_list_len(items.len() as u128 + 1, a.call)?;
             Rc::make_mut(items).insert(i, a.vals[1].clone());
-            Ok(Value::Unit)
+            unit(slots(items.len()))
         }
         ("clear", Value::List(items)) => {
             a.expect(0)?;
-            Rc::make_mut(items).clear();
-            Ok(Value::Unit)
+            *items = Rc::new(vec![]);
+            Ok((Value::Unit, 0))
         }
         ("push_str", Value::Str(s)) => {
             a.expect(1)?;
             let more = a.str(0)?;
+            let len = s.text.len().saturating_add(more.text.len());
+            limits::check_string_len(len as u128, a.call)?;
             *s = Str { text: Rc::from(format!("{}{}", s.text, more.text)), origin: None };
-            Ok(Value::Unit)
+            Ok((Value::Unit, len as u64))
         }
         (_, v) => Err(unknown_method(v, a, MUTATING_METHODS)),
     }
@@ -282,20 +304,46 @@ const LIST_METHODS: &[&str] =
 const RANGE_METHODS: &[&str] = &["rev", "len", "contains", "step_by", "collect", "iter", "into_iter", "clone"];
 
 /// Methods of numbers, strings, lists, ranges; `clone` of anything.
-pub fn method(_: &mut Interp, recv: &Value, a: &Args) -> Result<Value, Error> {
+pub fn method(it: &mut Interp, recv: &Value, a: &Args) -> Result<Value, Error> {
     let m = a.name.as_str();
     if matches!(m, "clone" | "into" | "to_owned") {
         a.expect(0)?;
         return Ok(recv.clone());
     }
-    match recv {
+    let out = match recv {
         Value::Int(i) => int_method(*i, recv, a),
         Value::Float(x) => float_method(*x, recv, a),
         Value::Str(s) => str_method(s, recv, a),
-        Value::List(items) => list_method(items, recv, a),
+        Value::List(items) => {
+            // Every list method but `len`/`is_empty` visits the elements.
+            it.budget.steps(items.len() as u64, a.call)?;
+            list_method(items, recv, a)
+        }
         Value::Range(x, y) => range_method(*x, *y, recv, a),
         v => Err(unknown_method(v, a, &["clone"])),
+    }?;
+    // Count what was created (a new list or string; `recv.clone()` shares and costs nothing).
+    match &out {
+        Value::List(items) if !matches!(recv, Value::List(r) if Rc::ptr_eq(r, items)) => {
+            limits::check_list_len(items.len() as u128, a.call)?;
+            let m = crate::eval::measure(&out);
+            it.budget.steps(m.slots, a.call)?;
+            it.budget.bytes(m.slots.saturating_mul(limits::SLOT_BYTES), a.call)?;
+            if m.depth > limits::MAX_VALUE_DEPTH {
+                return Err(limits::limit(
+                    a.call,
+                    format!("this value would nest {} levels deep", m.depth),
+                    "nests too deeply",
+                    "MAX_VALUE_DEPTH",
+                ));
+            }
+        }
+        Value::Str(s) if !matches!(recv, Value::Str(r) if Rc::ptr_eq(&r.text, &s.text)) => {
+            it.budget.string(s.text.len(), a.call)?;
+        }
+        _ => {}
     }
+    Ok(out)
 }
 
 fn int_method(i: i64, recv: &Value, a: &Args) -> Result<Value, Error> {
@@ -360,12 +408,22 @@ fn str_method(s: &Str, recv: &Value, a: &Args) -> Result<Value, Error> {
         "len" => a.expect(0).map(|_| Value::Int(t.len() as i64)),
         "is_empty" => a.expect(0).map(|_| Value::Bool(t.is_empty())),
         "to_string" | "as_str" => a.expect(0).map(|_| recv.clone()),
+        // Case mapping grows a string at most 3×; both strings are bounded by MAX_STRING_BYTES.
         "to_uppercase" => a.expect(0).map(|_| Value::str(&t.to_uppercase())),
         "to_lowercase" => a.expect(0).map(|_| Value::str(&t.to_lowercase())),
         "starts_with" => a.expect(1).and_then(|_| Ok(Value::Bool(t.starts_with(&*a.str(0)?.text)))),
         "ends_with" => a.expect(1).and_then(|_| Ok(Value::Bool(t.ends_with(&*a.str(0)?.text)))),
         "contains" => a.expect(1).and_then(|_| Ok(Value::Bool(t.contains(&*a.str(0)?.text)))),
-        "replace" => a.expect(2).and_then(|_| Ok(Value::str(&t.replace(&*a.str(0)?.text, &a.str(1)?.text)))),
+        "replace" => {
+            a.expect(2)?;
+            let (from, to) = (a.str(0)?, a.str(1)?);
+            // The result's length, before building it: `"x".replace("", s)` inserts `s` between every char.
+            let count = if from.text.is_empty() { t.chars().count() + 1 } else { t.matches(&*from.text).count() };
+            let len = (t.len() as u128) - (count as u128 * from.text.len() as u128).min(t.len() as u128)
+                + count as u128 * to.text.len() as u128;
+            limits::check_string_len(len, a.call)?;
+            Ok(Value::str(&t.replace(&*from.text, &to.text)))
+        }
         _ => Err(unknown_method(recv, a, STR_METHODS)),
     }
 }
@@ -389,27 +447,26 @@ fn list_method(items: &Rc<Vec<Value>>, recv: &Value, a: &Args) -> Result<Value, 
         "join" => {
             a.expect(1)?;
             let sep = a.str(0)?;
-            let mut parts = Vec::with_capacity(items.len());
-            for v in items.iter() {
-                let mut s = String::new();
-                v.display(&mut s, None);
-                parts.push(s);
+            let mut out = String::new();
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    limits::check_string_len(out.len() as u128 + sep.text.len() as u128, a.call)?;
+                    out.push_str(&sep.text);
+                }
+                v.display(&mut out, None);
+                limits::check_string_len(out.len() as u128, a.call)?;
             }
-            Ok(Value::str(&parts.join(&sep.text)))
+            Ok(Value::str(&out))
         }
         _ => Err(unknown_method(recv, a, LIST_METHODS)),
     }
 }
 
 fn range_method(x: i64, y: i64, recv: &Value, a: &Args) -> Result<Value, Error> {
-    if matches!(a.name.as_str(), "rev" | "step_by" | "collect" | "iter" | "into_iter")
-        && y.saturating_sub(x) > crate::eval::MAX_LIST as i64
-    {
-        return Err(Error::new(
-            DiagKind::InvalidValue,
-            a.call,
-            format!("the range {x}..{y} is too long to make a list of"),
-        ));
+    if matches!(a.name.as_str(), "rev" | "step_by" | "collect" | "iter" | "into_iter") {
+        let step = if a.name == "step_by" { a.usize(0).unwrap_or(1).max(1) as i128 } else { 1 };
+        let len = (i128::from(y) - i128::from(x)).max(0);
+        limits::check_list_len(((len + step - 1) / step) as u128, a.call)?;
     }
     match a.name.as_str() {
         "rev" => a.expect(0).map(|_| Value::list((x..y).rev().map(Value::Int).collect())),

@@ -109,6 +109,8 @@ pub enum DiagKind {
     Eval,
     /// Building a graph node failed (shapes or dtypes do not fit).
     Graph,
+    /// A resource limit of `limits.rs` was reached (time, memory, nesting, file size).
+    Limit,
     /// The recipe file could not be read.
     Io,
     /// A bug in tunec.
@@ -136,6 +138,7 @@ impl DiagKind {
             DiagKind::TargetNotFound => "target_not_found",
             DiagKind::Eval => "eval",
             DiagKind::Graph => "graph",
+            DiagKind::Limit => "limit",
             DiagKind::Io => "io",
             DiagKind::Internal => "internal",
         }

@@ -18,14 +18,7 @@ use syn::parse::ParseStream;
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 
-/// Deepest call nesting before evaluation stops (runaway recursion).
-const MAX_DEPTH: usize = 256;
-
-/// Expressions evaluated before evaluation stops (a loop that does not end).
-const MAX_STEPS: u64 = 500_000_000;
-
-/// Longest list a recipe may build.
-pub const MAX_LIST: usize = 1 << 24;
+use crate::limits::{self, Budget, MAX_CALL_DEPTH, MAX_EVAL_DEPTH, MAX_STEPS, MAX_VALUE_DEPTH};
 
 /// Why evaluation left the normal path.
 #[derive(Debug)]
@@ -76,8 +69,12 @@ pub struct Interp<'a> {
     consts: HashMap<String, Value>,
     /// While an `assert!` condition is evaluated: the struct fields it reads, with where they were written.
     blame: Option<Vec<(Span, String)>>,
-    /// Expressions evaluated so far.
-    steps: u64,
+    /// Steps and bytes used so far (`limits.rs`).
+    pub budget: Budget,
+    /// Nested `expr` evaluations in progress.
+    depth: usize,
+    /// Names given to `param(..)` so far (duplicate declarations are checked against it).
+    pub param_names: std::collections::HashSet<Rc<str>>,
 }
 
 impl<'a> Interp<'a> {
@@ -90,7 +87,9 @@ impl<'a> Interp<'a> {
             builder: None,
             consts: HashMap::new(),
             blame: None,
-            steps: 0,
+            budget: Budget::default(),
+            depth: 0,
+            param_names: Default::default(),
         }
     }
 
@@ -122,11 +121,6 @@ impl<'a> Interp<'a> {
     fn lookup(&self, name: &str) -> Option<&Binding> {
         let frame = self.frames.last()?;
         frame.scopes.iter().rev().flat_map(|s| s.iter().rev()).find(|b| b.name == name)
-    }
-
-    fn lookup_mut(&mut self, name: &str) -> Option<&mut Binding> {
-        let frame = self.frames.last_mut()?;
-        frame.scopes.iter_mut().rev().flat_map(|s| s.iter_mut().rev()).find(|b| b.name == name)
     }
 
     fn define(&mut self, name: String, value: Value, mutable: bool) {
@@ -178,15 +172,18 @@ impl<'a> Interp<'a> {
             );
             return Err(Error::new(DiagKind::WrongArgCount, call, msg).label(format!("expected {n}")));
         }
-        if self.frames.len() > MAX_DEPTH {
-            return Err(Error::new(
-                DiagKind::Eval,
+        if self.frames.len() > MAX_CALL_DEPTH {
+            return Err(limits::limit(
                 call,
-                format!("calls nest deeper than {MAX_DEPTH} (runaway recursion?)"),
+                format!("calls nest deeper than {MAX_CALL_DEPTH} (runaway recursion?)"),
+                "the call depth limit was reached here",
+                "MAX_CALL_DEPTH",
             ));
         }
         let mut checked = Vec::with_capacity(args.len());
         for ((p, v), s) in def.params.iter().zip(args).zip(spans) {
+            // Checking a list's declared type visits (and may copy) every element.
+            self.budget.steps(measure(&v).slots, *s)?;
             let v = p.ty.check(v).map_err(|m| {
                 Error::new(DiagKind::WrongType, *s, format!("wrong argument type for `{callee}`: {m}"))
                     .label(format!("expected `{}`", p.ty))
@@ -317,8 +314,15 @@ impl<'a> Interp<'a> {
         let (root, steps) = self.place(&m.receiver)?;
         let (vals, spans) = self.args(&m.args)?;
         let args = Args { vals, spans, call: mspan, name: name.to_string() };
+        let (depth, slots) =
+            args.vals.iter().map(measure).fold((0, 0u64), |(d, n), m| (d.max(m.depth), n.saturating_add(m.slots)));
+        self.budget.steps(slots, mspan)?;
+        self.budget.bytes(slots.saturating_mul(limits::SLOT_BYTES), mspan)?;
+        check_value_depth(steps.len() + 1 + depth, mspan)?;
         let target = self.place_mut(&root, &steps, self.sp(&m.receiver))?;
-        Ok(builtins::mutate(target, &args)?)
+        let (v, bytes) = builtins::mutate(target, &args)?;
+        self.budget.bytes(bytes, mspan)?;
+        Ok(v)
     }
 
     // ---- blocks and statements ---------------------------------------------------------------------------------
@@ -334,6 +338,7 @@ impl<'a> Interp<'a> {
         let mut last = Value::Unit;
         for s in stmts {
             last = Value::Unit;
+            self.step(s)?;
             match s {
                 syn::Stmt::Local(l) => self.local(l)?,
                 syn::Stmt::Expr(e, semi) => {
@@ -405,13 +410,47 @@ impl<'a> Interp<'a> {
 
     // ---- expressions -------------------------------------------------------------------------------------------
 
-    pub fn expr(&mut self, e: &syn::Expr) -> R<Value> {
-        use syn::Expr as E;
-        self.steps += 1;
-        if self.steps > MAX_STEPS {
-            let msg = format!("evaluation stopped after {MAX_STEPS} steps (a loop that does not end?)");
-            return Err(Error::new(DiagKind::Eval, self.sp(e), msg).into());
+    /// Counts one step of evaluation at `at` (which is only asked for its span when the limit is reached).
+    fn step<T: Spanned>(&mut self, at: &T) -> Result<(), Error> {
+        self.budget.steps += 1;
+        if self.budget.steps > MAX_STEPS {
+            return self.budget.steps(0, self.sp(at));
         }
+        Ok(())
+    }
+
+    pub fn expr(&mut self, e: &syn::Expr) -> R<Value> {
+        self.step(e)?;
+        if self.depth >= MAX_EVAL_DEPTH {
+            return Err(limits::limit(
+                self.sp(e),
+                format!("evaluation nests deeper than {MAX_EVAL_DEPTH} levels (expressions within calls)"),
+                "the evaluation depth limit was reached here",
+                "MAX_EVAL_DEPTH",
+            )
+            .into());
+        }
+        self.depth += 1;
+        let r = self.expr_inner(e);
+        self.depth -= 1;
+        r
+    }
+
+    /// Counts `copies` new aggregates of `items` at `span`: their slots (shared parts counted each time they appear,
+    /// as a traversal visits them), and how deeply they nest.
+    fn new_aggregate(&mut self, items: &[Value], copies: usize, span: Span) -> Result<(), Error> {
+        limits::check_list_len(items.len().max(copies) as u128, span)?;
+        let (depth, slots) = items
+            .iter()
+            .map(measure)
+            .fold((0, items.len() as u64), |(d, n), m| (d.max(m.depth), n.saturating_add(m.slots)));
+        self.budget.steps(slots, span)?;
+        self.budget.bytes(slots.saturating_mul(copies as u64).saturating_mul(limits::SLOT_BYTES), span)?;
+        check_value_depth(depth + 1, span)
+    }
+
+    fn expr_inner(&mut self, e: &syn::Expr) -> R<Value> {
+        use syn::Expr as E;
         match e {
             E::Lit(l) => self.lit(&l.lit),
             E::Path(p) => self.path(p),
@@ -427,15 +466,22 @@ impl<'a> Interp<'a> {
             E::Macro(m) => self.mac(&m.mac),
             E::Array(a) => {
                 let (vals, _) = self.args(&a.elems)?;
+                self.new_aggregate(&vals, 1, self.sp(a))?;
                 Ok(Value::list(vals))
             }
             E::Repeat(r) => {
                 let v = self.expr(&r.expr)?;
                 let n = self.length(&r.len)?;
+                let span = self.sp(r);
+                self.new_aggregate(std::slice::from_ref(&v), n, span)?;
                 Ok(Value::list(vec![v; n]))
             }
             E::Tuple(t) if t.elems.is_empty() => Ok(Value::Unit),
-            E::Tuple(t) => Ok(Value::Tuple(Rc::new(self.args(&t.elems)?.0))),
+            E::Tuple(t) => {
+                let vals = self.args(&t.elems)?.0;
+                self.new_aggregate(&vals, 1, self.sp(t))?;
+                Ok(Value::Tuple(Rc::new(vals)))
+            }
             E::Index(i) => self.index(i),
             E::Range(r) => self.range(r),
             E::Cast(c) => self.cast(c),
@@ -536,11 +582,14 @@ impl<'a> Interp<'a> {
         Ok(Some(v))
     }
 
-    /// The length of a list to build: a non-negative integer up to [`MAX_LIST`].
+    /// The length of a list to build: a non-negative integer up to [`limits::MAX_LIST_LEN`].
     fn length(&mut self, e: &syn::Expr) -> R<usize> {
         let span = self.sp(e);
         match self.expr(e)? {
-            Value::Int(i) if (0..=MAX_LIST as i64).contains(&i) => Ok(i as usize),
+            Value::Int(i) if i >= 0 => {
+                limits::check_list_len(i as u128, span)?;
+                Ok(i as usize)
+            }
             Value::Int(i) => Err(Error::new(DiagKind::InvalidValue, span, format!("a list of {i} elements")).into()),
             v => {
                 Err(Error::new(DiagKind::WrongType, span, format!("expected a length, found {}", v.describe())).into())
@@ -575,6 +624,14 @@ impl<'a> Interp<'a> {
     pub fn apply(&mut self, op: BinOp, l: Value, r: Value, span: Span) -> Result<Value, Error> {
         if matches!(l, Value::Tensor(_)) || matches!(r, Value::Tensor(_)) {
             return tensor::binary(self, op, &l, &r, span);
+        }
+        match (&l, &r) {
+            (Value::Str(a), Value::Str(b)) if op == BinOp::Add => {
+                self.budget.string(a.text.len().saturating_add(b.text.len()), span)?;
+            }
+            // Comparing aggregates visits their elements.
+            _ if matches!(op, BinOp::Eq | BinOp::Ne) => self.budget.steps(measure(&l).slots, span)?,
+            _ => {}
         }
         ops::binary(op, &l, &r).map_err(|(kind, m)| Error::new(kind, span, m))
     }
@@ -731,6 +788,8 @@ impl<'a> Interp<'a> {
             .label(format!("missing field{plural}"))
             .into());
         }
+        let values: Vec<Value> = out.iter().map(|f| f.value.clone()).collect();
+        self.new_aggregate(&values, 1, pspan)?;
         Ok(Value::Struct(Rc::new(StructVal { name, fields: out })))
     }
 
@@ -765,6 +824,7 @@ impl<'a> Interp<'a> {
                     let msg = format!("range {a}..{b} out of bounds for a list of {}", items.len());
                     return Err(Error::new(DiagKind::Eval, span, msg).into());
                 }
+                self.budget.list((b - a) as usize, span)?;
                 Ok(Value::list(items[a as usize..b as usize].to_vec()))
             }
             (b, k) => Err(Error::new(
@@ -846,6 +906,7 @@ impl<'a> Interp<'a> {
             }
         };
         for v in items {
+            self.step(f)?;
             self.scopes().push(vec![]);
             let r = self.bind(&f.pat, v).and_then(|_| self.block(&f.body));
             self.scopes().pop();
@@ -860,6 +921,7 @@ impl<'a> Interp<'a> {
 
     fn while_loop(&mut self, w: &syn::ExprWhile) -> R<Value> {
         while self.bool_of(&w.cond)? {
+            self.step(w)?;
             match self.block(&w.body) {
                 Ok(_) | Err(Ctrl::Continue) => {}
                 Err(Ctrl::Break(_)) => break,
@@ -871,6 +933,7 @@ impl<'a> Interp<'a> {
 
     fn loop_expr(&mut self, l: &syn::ExprLoop) -> R<Value> {
         loop {
+            self.step(l)?;
             match self.block(&l.body) {
                 Ok(_) | Err(Ctrl::Continue) => {}
                 Err(Ctrl::Break(v)) => return Ok(v),
@@ -919,7 +982,12 @@ impl<'a> Interp<'a> {
 
     fn place_mut(&mut self, root: &str, steps: &[Step], span: Span) -> Result<&mut Value, Error> {
         let prog = self.prog;
-        let Some(b) = self.lookup_mut(root) else {
+        let budget = &mut self.budget;
+        let binding = self
+            .frames
+            .last_mut()
+            .and_then(|f| f.scopes.iter_mut().rev().flat_map(|s| s.iter_mut().rev()).find(|b| b.name == root));
+        let Some(b) = binding else {
             return Err(Error::new(DiagKind::UnknownName, span, format!("cannot find value `{root}` in this scope")));
         };
         if !b.mutable {
@@ -960,6 +1028,10 @@ impl<'a> Interp<'a> {
                     }
                 }
                 (Step::Index(k, s), Value::List(items) | Value::Tuple(items)) => {
+                    if Rc::strong_count(items) > 1 {
+                        // Copy on write: the list is copied.
+                        budget.list(items.len(), *s)?;
+                    }
                     let items = Rc::make_mut(items);
                     let len = items.len();
                     match usize::try_from(*k).ok().and_then(|k| items.get_mut(k)) {
@@ -1002,6 +1074,12 @@ impl<'a> Interp<'a> {
             }
             _ => v,
         };
+        if !steps.is_empty() {
+            let m = measure(&v);
+            self.budget.steps(m.slots, span)?;
+            self.budget.bytes(m.slots.saturating_mul(limits::SLOT_BYTES), span)?;
+            check_value_depth(steps.len() + m.depth, span)?;
+        }
         let slot = self.place_mut(&root, &steps, span)?;
         *slot = v;
         Ok(())
@@ -1023,11 +1101,13 @@ impl<'a> Interp<'a> {
                         for e in &items {
                             vals.push(self.expr(e)?);
                         }
+                        self.new_aggregate(&vals, 1, span)?;
                         Ok(Value::list(vals))
                     }
                     VecBody::Repeat(x, n) => {
                         let v = self.expr(&x)?;
                         let n = self.length(&n)?;
+                        self.new_aggregate(std::slice::from_ref(&v), n, span)?;
                         Ok(Value::list(vec![v; n]))
                     }
                 }
@@ -1036,6 +1116,7 @@ impl<'a> Interp<'a> {
                 let args = m.parse_body_with(Punctuated::<syn::Expr, syn::Token![,]>::parse_terminated);
                 let args: Vec<syn::Expr> = args.map_err(|e| syntax(self, e))?.into_iter().collect();
                 let s = self.format(&args, span)?;
+                self.budget.string(s.len(), span)?;
                 Ok(Value::Str(Str { text: Rc::from(s), origin: None }))
             }
             "assert" | "assert_eq" | "assert_ne" => {
@@ -1180,6 +1261,8 @@ impl<'a> Interp<'a> {
             } else {
                 v.display(&mut out, precision);
             }
+            self.budget.steps(out.len() as u64 / 64, fspan)?;
+            limits::check_string_len(out.len() as u128, span)?;
         }
         if let Some(i) = used.iter().position(|u| !u) {
             return Err(Error::new(DiagKind::WrongArgCount, positional[i].1, "argument never used")
@@ -1188,6 +1271,52 @@ impl<'a> Interp<'a> {
         }
         Ok(out)
     }
+}
+
+/// A value seen as a tree: how deeply it nests (0 for a plain value, 1 for a list of plain values, ...) and how
+/// many slots it has when shared parts count each time they appear (what printing, comparing or type-checking it
+/// visits).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Measure {
+    pub depth: usize,
+    pub slots: u64,
+}
+
+/// Measures `v`, looking at each shared aggregate once (so `vec![vec![x; n]; n]` costs n + n, not n²). Values
+/// never nest deeper than [`MAX_VALUE_DEPTH`], so the recursion is bounded.
+pub fn measure(v: &Value) -> Measure {
+    fn go(v: &Value, memo: &mut HashMap<usize, Measure>) -> Measure {
+        let (key, items): (usize, Box<dyn Iterator<Item = &Value>>) = match v {
+            Value::List(items) | Value::Tuple(items) => (Rc::as_ptr(items) as usize, Box::new(items.iter())),
+            Value::Struct(s) => (Rc::as_ptr(s) as usize, Box::new(s.fields.iter().map(|f| &f.value))),
+            _ => return Measure::default(),
+        };
+        if let Some(m) = memo.get(&key) {
+            return *m;
+        }
+        let mut m = Measure { depth: 1, slots: 0 };
+        for x in items {
+            let e = go(x, memo);
+            m.depth = m.depth.max(e.depth + 1);
+            m.slots = m.slots.saturating_add(1).saturating_add(e.slots);
+        }
+        memo.insert(key, m);
+        m
+    }
+    go(v, &mut HashMap::new())
+}
+
+/// An error if a value would nest deeper than [`MAX_VALUE_DEPTH`].
+fn check_value_depth(depth: usize, span: Span) -> Result<(), Error> {
+    if depth > MAX_VALUE_DEPTH {
+        return Err(limits::limit(
+            span,
+            format!("this value would nest {depth} levels deep (lists, tuples or structs inside each other)"),
+            "nests too deeply",
+            "MAX_VALUE_DEPTH",
+        ));
+    }
+    Ok(())
 }
 
 /// The body of `vec![..]`: a list or `x; n`.
@@ -1351,7 +1480,7 @@ mod tests {
         assert_eq!(fails("fn main() -> i64 { 1 / 0 }").kind, DiagKind::Eval);
         assert_eq!(fails("fn main() -> i64 { vec![1][3] }").kind, DiagKind::Eval);
         assert_eq!(fails("fn main() -> i64 { let f = |x| x; 1 }").kind, DiagKind::Unsupported);
-        assert_eq!(fails("fn main() -> i64 { main() }").kind, DiagKind::Eval);
+        assert_eq!(fails("fn main() -> i64 { main() }").kind, DiagKind::Limit);
     }
 
     #[test]

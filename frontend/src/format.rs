@@ -75,6 +75,13 @@ fn parse_arg(inner: &str) -> Result<Piece, String> {
         s if s.starts_with('.') => {
             let (digits, debug) = s[1..].strip_suffix('?').map_or((&s[1..], false), |d| (d, true));
             let p = digits.parse::<usize>().map_err(|_| format!("bad precision in `{{{inner}}}`"))?;
+            if p > crate::limits::MAX_PRECISION {
+                return Err(format!(
+                    "precision {p} in `{{{inner}}}` is larger than {} (MAX_PRECISION in {})",
+                    crate::limits::MAX_PRECISION,
+                    crate::limits::WHERE
+                ));
+            }
             (debug, Some(p))
         }
         _ => return Err(format!("format spec `:{spec}` is not supported (use {{}}, {{:?}} or {{:.N}})")),

@@ -13,6 +13,7 @@ pub mod builtins;
 pub mod diag;
 pub mod eval;
 pub mod format;
+pub mod limits;
 pub mod ops;
 pub mod peft;
 pub mod program;
@@ -65,9 +66,40 @@ pub fn compile_source(file_name: &str, source: &str, library: &[(&str, &str)]) -
 
 /// Reads and compiles a recipe file; diagnostics name the file as `path` is written.
 pub fn compile_file(path: &Path, library: &[(&str, &str)]) -> Result<CompiledRecipe, Diagnostic> {
-    let source = std::fs::read_to_string(path)
-        .map_err(|e| Diagnostic::without_source(DiagKind::Io, format!("cannot read {}: {e}", path.display())))?;
+    let source = read_source(path)?;
     compile_source(&path.display().to_string(), &source, library)
+}
+
+/// Reads a source file of at most [`limits::MAX_SOURCE_BYTES`] (a larger one is refused without reading it whole).
+fn read_source(path: &Path) -> Result<String, Diagnostic> {
+    use std::io::Read;
+    let io =
+        |e: std::io::Error| Diagnostic::without_source(DiagKind::Io, format!("cannot read {}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut bytes = Vec::new();
+    file.take(limits::MAX_SOURCE_BYTES as u64 + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() > limits::MAX_SOURCE_BYTES {
+        let mut d = Diagnostic::without_source(
+            DiagKind::Limit,
+            format!(
+                "{}: the file is larger than the limit of {} bytes for a recipe (MAX_SOURCE_BYTES in {})",
+                path.display(),
+                limits::MAX_SOURCE_BYTES,
+                limits::WHERE
+            ),
+        );
+        d.file = path.display().to_string();
+        return Err(d);
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let mut d = Diagnostic::without_source(
+            DiagKind::Io,
+            format!("{}: the file is not UTF-8 text (invalid byte at offset {at})", path.display()),
+        );
+        d.file = path.display().to_string();
+        d
+    })
 }
 
 /// Parses the library files and checks their items (names, declared types), without running anything.
@@ -114,6 +146,8 @@ pub(crate) fn with_program<T>(
     let mut files = Vec::with_capacity(lib_ids.len() + 1);
     for id in lib_ids.into_iter().chain([user]) {
         let text = sources.file(id).text.clone();
+        // syn's parser recurses: the file's size and nesting are bounded before it runs.
+        limits::check_source(id, &text).map_err(|e| e.into_diagnostic(&sources))?;
         let ast = syn::parse_file(&text).map_err(|e| {
             Error::new(DiagKind::Syntax, Span::of(id, e.span()), format!("syntax error: {e}"))
                 .label(e.to_string())

@@ -205,12 +205,20 @@ fn read_ty(file: FileId, t: &syn::Type) -> Result<Ty, Error> {
     Ty::from_syn(t).map_err(|(s, m)| unsupported(file, s, &m))
 }
 
-/// `use tunec::prelude::*;` (or anything under `tunec::`) is accepted and means nothing: the prelude is always there.
+/// `use tunec::prelude::*;` is accepted and means nothing: the prelude is always there. Nothing else can be
+/// imported (a recipe has no access to `std`: no files, environment or processes).
 fn check_use(file: FileId, u: &syn::ItemUse) -> Result<(), Error> {
-    match &u.tree {
-        syn::UseTree::Path(p) if p.ident == "tunec" => Ok(()),
-        _ => Err(unsupported(file, u.span(), "recipes can only `use tunec::prelude::*;`").label("not available")),
+    let prelude = match &u.tree {
+        syn::UseTree::Path(p) if p.ident == "tunec" => match &*p.tree {
+            syn::UseTree::Path(q) if q.ident == "prelude" => matches!(&*q.tree, syn::UseTree::Glob(_)),
+            _ => false,
+        },
+        _ => false,
+    };
+    if prelude {
+        return Ok(());
     }
+    Err(unsupported(file, u.span(), "recipes can only `use tunec::prelude::*;`").label("not available"))
 }
 
 fn fn_def<'a>(file: FileId, sig: &'a syn::Signature, body: &'a syn::Block) -> Result<FnDef<'a>, Error> {

@@ -48,9 +48,16 @@ fn param(it: &mut Interp, a: &Args) -> Result<Value, Error> {
     a.expect(2)?;
     let name = a.str(0)?;
     let shape = a.shape(1)?;
+    // Names seen so far, so that each declaration is checked in constant time (a scan of the graph per parameter
+    // made building a deep model quadratic); a name seen before is confirmed against the graph being built.
+    let seen = !it.param_names.insert(name.text.clone());
     let b = builder(it, a.call)?;
-    if b.graph.param(&name.text).is_some() {
-        return Err(Error::new(DiagKind::Duplicate, a.span(0), format!("parameter `{}` is declared twice", name.text)));
+    if seen {
+        crate::peft::count_visits(b.graph.nodes.len());
+    }
+    if seen && b.graph.param(&name.text).is_some() {
+        let msg = format!("parameter `{}` is declared twice", ir::untrusted::show(&name.text));
+        return Err(Error::new(DiagKind::Duplicate, a.span(0), msg));
     }
     built(b.param(&name.text, Type::f32(shape), Role::Frozen, Init::Load), a.call)
 }

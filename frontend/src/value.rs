@@ -111,7 +111,14 @@ impl Value {
             Value::Bool(b) => format!("a bool `{b}`"),
             Value::Int(i) => format!("an integer `{i}`"),
             Value::Float(x) => format!("a float `{x:?}`"),
-            Value::Str(s) => format!("a string `{:?}`", &*s.text),
+            Value::Str(s) => {
+                // Debug escapes control characters; a long string is cut (it may come from a downloaded recipe).
+                let max = ir::untrusted::MAX_SHOWN_CHARS;
+                match s.text.char_indices().nth(max) {
+                    None => format!("a string `{:?}`", &*s.text),
+                    Some((cut, _)) => format!("a string `{:?}…({} bytes)`", &s.text[..cut], s.text.len()),
+                }
+            }
             Value::List(_) => "a list".into(),
             Value::Tuple(_) => "a tuple".into(),
             Value::Range(..) => "a range".into(),
@@ -147,6 +154,10 @@ impl Value {
         let seq = |out: &mut String, open: &str, items: &[Value], close: &str| {
             out.push_str(open);
             for (i, v) in items.iter().enumerate() {
+                // A huge list prints no further than a string may be long (the caller reports the length).
+                if out.len() > crate::limits::MAX_STRING_BYTES {
+                    return;
+                }
                 if i > 0 {
                     out.push_str(", ");
                 }

@@ -157,3 +157,147 @@ fn missing_recipe_function() {
     assert_eq!(d.kind, DiagKind::NoRecipe);
     insta::assert_snapshot!(d.render());
 }
+
+// ---- hostile recipes: every resource limit ends evaluation quickly with a diagnostic at the offending span ----
+
+/// A recipe file whose `recipe()` runs `body` first; `items` are extra items before it.
+fn hostile(items: &str, body: &str) -> String {
+    format!(
+        "use tunec::prelude::*;\n{items}pub fn recipe() -> Recipe {{\n    {body}\n    Recipe::new(llama({}))\n}}\n",
+        config(64, 4, 2)
+    )
+}
+
+/// Compiles `src`, which must fail with a `Limit` diagnostic within a few seconds (a debug build).
+fn limit_error(src: &str) -> Diagnostic {
+    let t0 = std::time::Instant::now();
+    let d = error(src);
+    assert!(t0.elapsed().as_secs_f64() < 10.0, "took {:?}", t0.elapsed());
+    assert_eq!(d.kind, DiagKind::Limit, "{}", d.render());
+    assert_eq!(d.file, "recipe.rs");
+    d
+}
+
+#[test]
+fn endless_loop_hits_the_step_limit() {
+    let d = limit_error(&hostile("", "loop {}"));
+    assert_eq!((d.line, d.column), (3, 5));
+    insta::assert_snapshot!(d.render());
+}
+
+#[test]
+fn huge_for_range_hits_the_step_limit() {
+    let d = limit_error(&hostile("", "for _ in 0..9223372036854775807 {}"));
+    assert_eq!((d.line, d.column), (3, 5));
+    insta::assert_snapshot!(d.render());
+    // `i64::MAX` itself is not a value recipes have.
+    assert_eq!(error(&hostile("", "for _ in 0..i64::MAX {}")).kind, DiagKind::Unsupported);
+}
+
+#[test]
+fn string_doubled_forty_times_hits_the_string_limit() {
+    let d = limit_error(&hostile("", "let mut s = String::from(\"ab\");\n    for _ in 0..40 { s = s.clone() + &s; }"));
+    assert!(d.message.contains("string"), "{}", d.message);
+    assert_eq!((d.line, d.column), (4, 26));
+    insta::assert_snapshot!(d.render());
+}
+
+#[test]
+fn list_extended_with_itself_hits_the_list_limit() {
+    let d = limit_error(&hostile("", "let mut xs = vec![1, 2];\n    loop { let ys = xs.clone(); xs.extend(ys); }"));
+    assert!(d.message.contains("list"), "{}", d.message);
+    assert_eq!((d.line, d.column), (4, 43));
+    insta::assert_snapshot!(d.render());
+}
+
+#[test]
+fn values_nested_in_a_loop_hit_the_depth_limit() {
+    let d = limit_error(&hostile("", "let mut x = vec![0];\n    loop { x = vec![x]; }"));
+    assert!(d.message.contains("nest"), "{}", d.message);
+    // Each push adds the list to itself: a shared structure measured once per distinct part, so the depth limit,
+    // not the exponential tree size, ends it.
+    let d = limit_error(&hostile("", "let mut x = vec![0];\n    loop { let y = x.clone(); x.push(y); }"));
+    assert!(d.message.contains("nest") || d.message.contains("MiB"), "{}", d.message);
+    let d = limit_error(&hostile("", "let mut x = vec![0];\n    loop { x = x.iter().enumerate(); }"));
+    assert!(d.message.contains("nest"), "{}", d.message);
+}
+
+#[test]
+fn many_large_lists_hit_the_memory_limit() {
+    let d = limit_error(&hostile("", "let mut all = vec![];\n    loop { all.push(vec![0; 1000000]); }"));
+    assert!(d.message.contains("MiB"), "{}", d.message);
+    // One long string repeated in a list and joined: refused before it is built.
+    let d = limit_error(&hostile(
+        "",
+        "let mut s = String::from(\"ab\");\n    for _ in 0..19 { s = s.clone() + &s; }\n    let xs = vec![s; 100000];\n    let j = xs.join(\",\");",
+    ));
+    assert!(d.message.contains("string"), "{}", d.message);
+    let d = error(&hostile("", "let s = format!(\"{:.1000000000}\", 1.0);"));
+    assert!(d.message.contains("MAX_PRECISION"), "{}", d.render());
+    // A list of a million references to a million-element list: its full size counts, so it is refused.
+    let d = limit_error(&hostile("", "let x = vec![0; 1000000];\n    let y = vec![x; 1000000];"));
+    assert!(d.message.contains("MiB"), "{}", d.message);
+}
+
+#[test]
+fn fifty_thousand_parentheses_in_an_uncalled_function_hit_the_nesting_limit() {
+    let parens = format!("{}1{}", "(\n".repeat(50_000), ")".repeat(50_000));
+    let d = limit_error(&hostile(&format!("fn unused() -> i64 {{\n{parens}\n}}\n"), ""));
+    assert!(d.message.contains("nests more than"), "{}", d.message);
+    insta::assert_snapshot!(d.render());
+    // Long prefix-operator and binary-operator chains are nesting too (syn and the evaluator recurse on them).
+    let minus = format!("fn unused() -> i64 {{ {}1 }}\n", "-".repeat(50_000));
+    limit_error(&hostile(&minus, ""));
+    let sum = format!("fn unused() -> i64 {{ 1{} }}\n", " + 1".repeat(50_000));
+    limit_error(&hostile(&sum, ""));
+}
+
+#[test]
+fn deep_recursion_hits_the_call_depth_limit() {
+    let d = limit_error(&hostile("fn down(n: i64) -> i64 {\n    down(n + 1)\n}\n", "down(0);"));
+    assert!(d.message.contains("calls nest deeper"), "{}", d.message);
+    insta::assert_snapshot!(d.render());
+}
+
+#[test]
+fn deep_expressions_in_deep_recursion_stay_on_the_stack() {
+    // 200 nested parentheses in a function that recurses 250 times: bounded by the evaluator's depth limit.
+    let deep = format!("{}down(n + 1){}", "(".repeat(200), ")".repeat(200));
+    let src =
+        hostile(&format!("fn down(n: i64) -> i64 {{\n    if n > 250 {{ 0 }} else {{ {deep} }}\n}}\n"), "down(0);");
+    let d = limit_error(&src);
+    assert!(d.message.contains("evaluation nests deeper"), "{}", d.message);
+}
+
+#[test]
+fn oversized_recipe_is_refused_before_parsing() {
+    let src = hostile(&format!("// {}\n", "x".repeat(frontend::limits::MAX_SOURCE_BYTES)), "");
+    let d = limit_error(&src);
+    assert!(d.message.contains("bytes"), "{}", d.message);
+}
+
+#[test]
+fn recipes_cannot_read_files_or_the_environment() {
+    let cases = [
+        ("let s = include_str!(\"/etc/passwd\");", DiagKind::UnknownFunction),
+        ("let s = include_bytes!(\"/etc/passwd\");", DiagKind::UnknownFunction),
+        ("let s = env!(\"HOME\");", DiagKind::UnknownFunction),
+        ("let s = std::fs::read(\"/etc/passwd\");", DiagKind::Unsupported),
+        ("let s = fs::read_to_string(\"/etc/passwd\");", DiagKind::UnknownFunction),
+        ("let s = std::env::var(\"HOME\");", DiagKind::Unsupported),
+        ("let s = std::process::Command::new(\"sh\");", DiagKind::Unsupported),
+    ];
+    for (body, kind) in cases {
+        let d = error(&hostile("", body));
+        assert_eq!(d.kind, kind, "{body}: {}", d.render());
+        assert_eq!(d.file, "recipe.rs");
+    }
+    for item in ["use std::fs;\n", "use std::env::var;\n", "use tunec::fs::*;\n", "mod m { }\n", "extern crate std;\n"]
+    {
+        let d = error(&hostile(item, ""));
+        assert_eq!(d.kind, DiagKind::Unsupported, "{item}: {}", d.render());
+        assert_eq!(d.line, 2, "{item}");
+    }
+    let d = error(&hostile("", "let s = include_str!(\"/etc/passwd\");"));
+    insta::assert_snapshot!(d.render());
+}

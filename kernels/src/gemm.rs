@@ -209,6 +209,11 @@ impl Gemm {
     /// Describes kernel group `k` of `g` as its one GEMM node, aliasing views of it, and an elementwise epilogue over
     /// the GEMM's output (see the module docs); `Err` when the group is not of that form.
     pub fn from_group(g: &Graph, k: &Kernel) -> Result<Gemm, GemmError> {
+        Gemm::from_group_with(g, k, &crate::template::Uses::of(g))
+    }
+
+    /// [`Gemm::from_group`] with the graph's readers computed once by the caller.
+    pub fn from_group_with(g: &Graph, k: &Kernel, uses: &crate::template::Uses) -> Result<Gemm, GemmError> {
         let unsupported = |why: String| Err(GemmError::Unsupported(format!("kernel `{}`: {why}", k.name)));
         let gemms: Vec<ValueId> = k.nodes.iter().copied().filter(|&v| is_gemm_op(&g.node(v).op)).collect();
         let [anchor] = gemms[..] else { return unsupported(format!("{} GEMM nodes", gemms.len())) };
@@ -243,16 +248,11 @@ impl Gemm {
         if let Some(v) = rest.iter().find(|v| feeds.contains(v)) {
             return unsupported(format!("{v} ({}) feeds the GEMM: not an epilogue", g.node(*v).op.mnemonic()));
         }
-        // Values read after the group's first node by a node outside it (readers follow their inputs).
-        let first = sorted[0];
-        let mut outside: std::collections::HashSet<ValueId> = g.outputs.iter().map(|o| o.value).collect();
-        for u in g.ids().skip(first.index() + 1).filter(|&u| !member(u)) {
-            outside.extend(g.node(u).inputs.iter().copied().filter(|&v| member(v)));
-        }
-        let read_outside = |v: ValueId| outside.contains(&v);
+        // Values read by a node outside the group, or returned by the graph.
+        let read_outside = |v: ValueId| uses.read_outside(v, member);
         let store_acc = read_outside(anchor) || rest.iter().any(|&v| rooted_at_anchor(v) && read_outside(v));
         let sub = Kernel { name: k.name.clone(), nodes: rest };
-        let mut nest = LoopNest::from_group(g, &sub).map_err(|e| GemmError::Unsupported(e.to_string()))?;
+        let mut nest = LoopNest::from_group_with(g, &sub, uses).map_err(|e| GemmError::Unsupported(e.to_string()))?;
         // Outputs that are views of the GEMM result are the result's own buffer (`store_acc`), not nest outputs.
         let n_in = nest.n_inputs;
         let keep: Vec<bool> =

@@ -248,7 +248,12 @@ impl LoopNest {
 
     /// Describes kernel group `kernel` of `g`.
     pub fn from_group(g: &Graph, kernel: &Kernel) -> Result<LoopNest, LoopError> {
-        build(g, kernel)
+        build(g, kernel, &crate::template::Uses::of(g))
+    }
+
+    /// [`LoopNest::from_group`] with the graph's readers computed once by the caller.
+    pub fn from_group_with(g: &Graph, kernel: &Kernel, uses: &crate::template::Uses) -> Result<LoopNest, LoopError> {
+        build(g, kernel, uses)
     }
 }
 
@@ -359,7 +364,7 @@ fn sum_to_axes(src: &[usize], target: &[usize]) -> Vec<usize> {
     (0..src.len()).filter(|&k| k < pad || (target[k - pad] == 1 && src[k] != 1)).collect()
 }
 
-fn build(g: &Graph, kernel: &Kernel) -> Result<LoopNest, LoopError> {
+fn build(g: &Graph, kernel: &Kernel, uses: &crate::template::Uses) -> Result<LoopNest, LoopError> {
     let shape_err = |message: String| LoopError::Shape { kernel: kernel.name.clone(), message };
     let mut members: Vec<ValueId> = kernel.nodes.clone();
     members.sort();
@@ -435,21 +440,9 @@ fn build(g: &Graph, kernel: &Kernel) -> Result<LoopNest, LoopError> {
     }
 
     // Outputs: member values read outside the group or returned by the graph.
-    let mut used_outside = vec![false; g.nodes.len()];
-    // Nodes before the first member cannot read members (inputs come first).
-    for (i, n) in g.nodes.iter().enumerate().skip(members.first().map_or(0, |m| m.index() + 1)) {
-        if !is_member(ValueId(i as u32)) {
-            for v in &n.inputs {
-                used_outside[v.index()] = true;
-            }
-        }
-    }
-    for o in &g.outputs {
-        used_outside[o.value.index()] = true;
-    }
     let mut stores = Vec::new();
     for &m in &members {
-        if used_outside[m.index()] {
+        if uses.read_outside(m, is_member) {
             buffers.push(Buffer { value: m, elem: Elem::F32, shape: g.ty(m).shape.clone() });
             stores.push(Store { buffer: buffers.len() - 1, expr: expr_of[&m] });
         }

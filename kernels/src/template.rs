@@ -24,15 +24,68 @@ pub fn is_alias_view(op: &Op) -> bool {
     matches!(op, Op::Reshape { .. } | Op::StopGradient {})
 }
 
+/// Who reads each value of a graph, computed once per graph (linear in its size) so that finding a group's
+/// outputs costs what its members' readers cost, not a scan of the whole graph per group (which made fusing a
+/// deep model quadratic).
+#[derive(Debug, Default)]
+pub struct Uses {
+    /// Readers of each node, ascending (a node reading a value twice is listed twice).
+    readers: Vec<Vec<ValueId>>,
+    /// Whether a graph output returns each node.
+    output: Vec<bool>,
+    /// Readers looked at so far: the work of [`Uses::read_outside`], for tests that check the cost stays linear.
+    pub visits: std::cell::Cell<u64>,
+}
+
+impl Uses {
+    pub fn of(g: &Graph) -> Uses {
+        let mut readers: Vec<Vec<ValueId>> = vec![vec![]; g.nodes.len()];
+        for (i, n) in g.nodes.iter().enumerate() {
+            for v in &n.inputs {
+                if let Some(r) = readers.get_mut(v.index()) {
+                    r.push(ValueId(i as u32));
+                }
+            }
+        }
+        let mut output = vec![false; g.nodes.len()];
+        for o in &g.outputs {
+            if let Some(x) = output.get_mut(o.value.index()) {
+                *x = true;
+            }
+        }
+        Uses { readers, output, visits: Default::default() }
+    }
+
+    /// Whether a node outside the group (`member` false) reads `v`, or the graph returns it.
+    pub fn read_outside(&self, v: ValueId, member: impl Fn(ValueId) -> bool) -> bool {
+        if self.output.get(v.index()).copied().unwrap_or(false) {
+            return true;
+        }
+        let readers = self.readers.get(v.index()).map_or(&[][..], Vec::as_slice);
+        let mut seen = 0;
+        let outside = readers.iter().any(|&r| {
+            seen += 1;
+            !member(r)
+        });
+        self.visits.set(self.visits.get() + seen);
+        outside
+    }
+}
+
 impl Template {
     /// The template for a kernel group, or why none applies.
     pub fn of(g: &Graph, k: &Kernel) -> Result<Template, String> {
-        let loops = match LoopNest::from_group(g, k) {
+        Template::of_with(g, k, &Uses::of(g))
+    }
+
+    /// [`Template::of`] with the graph's [`Uses`] computed once by the caller (for many groups of one graph).
+    pub fn of_with(g: &Graph, k: &Kernel, uses: &Uses) -> Result<Template, String> {
+        let loops = match LoopNest::from_group_with(g, k, uses) {
             Ok(n) => return Ok(Template::Loops(n)),
             Err(e) => e.to_string(),
         };
         if k.nodes.iter().any(|&v| is_gemm_op(&g.node(v).op)) {
-            return Gemm::from_group(g, k).map(Template::Gemm).map_err(|e| e.to_string());
+            return Gemm::from_group_with(g, k, uses).map(Template::Gemm).map_err(|e| e.to_string());
         }
         if let Some(v) = Template::anchor(g, k) {
             if let Ok(nn) = NnKernel::from_node(g, v, &k.name) {
@@ -45,6 +98,11 @@ impl Template {
     /// Whether some template covers the group.
     pub fn covers(g: &Graph, k: &Kernel) -> bool {
         Template::of(g, k).is_ok()
+    }
+
+    /// [`Template::covers`] with the graph's [`Uses`] computed once by the caller.
+    pub fn covers_with(g: &Graph, k: &Kernel, uses: &Uses) -> bool {
+        Template::of_with(g, k, uses).is_ok()
     }
 
     /// The one node of a group that is not an aliasing view, if there is exactly one.

@@ -12,7 +12,8 @@ impl Pass for EliminateFrozenGrads {
         "eliminate-frozen-grads"
     }
     fn run(&self, g: &mut Graph) -> Result<String, String> {
-        let frozen: Vec<String> = g
+        // A set: one lookup per output (a list made this quadratic in the number of parameters).
+        let frozen: std::collections::HashSet<String> = g
             .params()
             .into_iter()
             .filter(|(_, _, role)| *role == Role::Frozen)

@@ -34,6 +34,7 @@
 
 use crate::Pass;
 use ir::{Graph, Kernel, Op, ValueId};
+pub use kernels::template::Uses;
 
 /// The fusion pass: the policy (see the module docs), then [`split_uncovered`] so that every kernel has a template.
 pub struct Fuse;
@@ -161,6 +162,8 @@ struct Groups<'a> {
     /// Visit marks for the reachability search (`mark[group] == epoch` means visited).
     mark: Vec<u32>,
     epoch: u32,
+    /// Readers looked at so far (cycle checks, reader-group queries): the pass's work, for tests of its growth.
+    work: u64,
 }
 
 impl Groups<'_> {
@@ -197,6 +200,7 @@ impl Groups<'_> {
         let mut stack = vec![];
         for &m in &self.members[from] {
             for &r in self.readers[m].iter().filter(|&&r| r <= limit) {
+                self.work += 1;
                 let gr = self.gid[r];
                 if gr != from && gr != to && self.mark[gr] != epoch {
                     self.mark[gr] = epoch;
@@ -207,6 +211,7 @@ impl Groups<'_> {
         while let Some(x) = stack.pop() {
             for &m in &self.members[x] {
                 for &r in self.readers[m].iter().filter(|&&r| r <= limit) {
+                    self.work += 1;
                     let gr = self.gid[r];
                     if gr == to {
                         return true;
@@ -222,12 +227,13 @@ impl Groups<'_> {
     }
 
     /// Groups (other than `g`'s own) that read a value of group `g`.
-    fn reader_groups(&self, g: usize) -> Vec<usize> {
+    fn reader_groups(&mut self, g: usize) -> Vec<usize> {
         let mut out: Vec<usize> = self.members[g]
             .iter()
             .flat_map(|&m| self.readers[m].iter().map(|&r| self.gid[r]))
             .filter(|&gr| gr != g)
             .collect();
+        self.work += out.len() as u64 + self.members[g].len() as u64;
         out.sort_unstable();
         out.dedup();
         out
@@ -236,11 +242,24 @@ impl Groups<'_> {
 
 /// The kernel groups of `g` under the fusion policy, listed by first node.
 pub fn partition(g: &Graph) -> Vec<Kernel> {
+    partition_counted(g).0
+}
+
+/// [`partition`], and the work it did (readers looked at by its cycle checks and reader-group queries; the node
+/// visits of its linear sweeps are not counted), so that tests can check the work grows linearly with depth.
+pub fn partition_counted(g: &Graph) -> (Vec<Kernel>, u64) {
     let n = g.nodes.len();
     let readers = readers(g);
     let class: Vec<FusionClass> = g.nodes.iter().map(|n| fusion_class(&n.op)).collect();
-    let mut gs =
-        Groups { readers: &readers, gid: vec![NONE; n], members: vec![], anchor: vec![], mark: vec![], epoch: 0 };
+    let mut gs = Groups {
+        readers: &readers,
+        gid: vec![NONE; n],
+        members: vec![],
+        anchor: vec![],
+        mark: vec![],
+        epoch: 0,
+        work: 0,
+    };
     for (i, &c) in class.iter().enumerate() {
         if c != FusionClass::Leaf {
             gs.gid[i] = gs.members.len();
@@ -292,6 +311,7 @@ pub fn partition(g: &Graph) -> Vec<Kernel> {
             if gp == NONE || gp == gi || candidates.iter().any(|c| c.2 == p) {
                 continue;
             }
+            gs.work += readers[p].len() as u64;
             let mut others = readers[p].iter().filter(|&&r| r != i && gs.gid[r] != gp);
             let pure = others.clone().next().is_none();
             if pure || others.all(|&r| r > i) {
@@ -333,7 +353,7 @@ pub fn partition(g: &Graph) -> Vec<Kernel> {
         })
         .collect();
     kernels.sort_by_key(|k| k.nodes[0]);
-    kernels
+    (kernels, gs.work)
 }
 
 /// Splits every group no kernel template covers (`kernels::template`) into groups that are covered: the anchor with
@@ -343,11 +363,18 @@ pub fn partition(g: &Graph) -> Vec<Kernel> {
 /// a convex group keeps the kernel graph acyclic: a path between two pieces through another kernel would have been
 /// a path out of and back into the group. Returns how many groups were split.
 pub fn split_uncovered(g: &mut Graph) -> usize {
+    let uses = Uses::of(g);
+    split_uncovered_with(g, &uses)
+}
+
+/// [`split_uncovered`] with the graph's readers computed once (the templates look up each group's outputs there;
+/// `uses.visits` counts the readers they looked at).
+pub fn split_uncovered_with(g: &mut Graph, uses: &Uses) -> usize {
     use kernels::template::{is_alias_view, Template};
     let mut out: Vec<Kernel> = Vec::with_capacity(g.kernels.len());
     let mut split = 0;
     for k in std::mem::take(&mut g.kernels) {
-        if Template::covers(g, &k) {
+        if Template::covers_with(g, &k, uses) {
             out.push(k);
             continue;
         }
@@ -370,28 +397,34 @@ pub fn split_uncovered(g: &mut Graph) -> usize {
         };
         match anchor {
             Some(a) => {
-                // Members the anchor depends on (within the group).
-                let mut feeds = vec![false; g.nodes.len()];
-                feeds[a.index()] = true;
-                for &v in k.nodes.iter().rev() {
-                    if feeds[v.index()] {
+                // Members the anchor depends on (within the group), by position in the group (sized by the group,
+                // not the graph: one such vector per split group made splitting quadratic).
+                let pos = |v: ValueId| k.nodes.binary_search(&v).ok();
+                let mut feeds_at = vec![false; k.nodes.len()];
+                if let Some(p) = pos(a) {
+                    feeds_at[p] = true;
+                }
+                for (p, &v) in k.nodes.iter().enumerate().rev() {
+                    if feeds_at[p] {
                         for &i in &g.node(v).inputs {
-                            if member(i) {
-                                feeds[i.index()] = true;
+                            if let Some(q) = pos(i) {
+                                feeds_at[q] = true;
                             }
                         }
                     }
                 }
+                let feeds = |v: ValueId| pos(v).is_some_and(|p| feeds_at[p]);
                 let head: Vec<ValueId> = k.nodes.iter().copied().filter(|&v| owner(v) == a).collect();
                 let rest = |pre: bool| -> Vec<ValueId> {
-                    k.nodes.iter().copied().filter(|&v| owner(v) != a && feeds[owner(v).index()] == pre).collect()
+                    k.nodes.iter().copied().filter(|&v| owner(v) != a && feeds(owner(v)) == pre).collect()
                 };
                 // The anchor with its epilogue when a template covers that (a GEMM's elementwise epilogue).
                 let (head, post) = {
                     let (head, post) = (head, rest(false));
                     let whole: Vec<ValueId> =
                         k.nodes.iter().copied().filter(|v| head.contains(v) || post.contains(v)).collect();
-                    if !post.is_empty() && Template::covers(g, &Kernel { name: k.name.clone(), nodes: whole.clone() }) {
+                    let whole_kernel = Kernel { name: k.name.clone(), nodes: whole.clone() };
+                    if !post.is_empty() && Template::covers_with(g, &whole_kernel, uses) {
                         (whole, vec![])
                     } else {
                         (head, post)
@@ -402,7 +435,7 @@ pub fn split_uncovered(g: &mut Graph) -> usize {
                         continue;
                     }
                     let whole = Kernel { name: String::new(), nodes: part.clone() };
-                    if Template::covers(g, &whole) {
+                    if Template::covers_with(g, &whole, uses) {
                         pieces.push(part);
                     } else {
                         singles(&part, &mut pieces);
@@ -470,11 +503,13 @@ pub(crate) fn kernel_topo_order(g: &Graph, of: &[Option<usize>]) -> Result<Vec<u
     let k = g.kernels.len();
     let mut succ: Vec<Vec<usize>> = vec![vec![]; k];
     let mut indeg = vec![0usize; k];
+    // Edges seen (a set, not a scan of `succ`: one kernel may feed thousands, like the gradient-clipping scale).
+    let mut seen: std::collections::HashSet<(usize, usize)> = std::collections::HashSet::new();
     for (i, n) in g.nodes.iter().enumerate() {
         let Some(ki) = of[i] else { continue };
         for v in &n.inputs {
             if let Some(kv) = of[v.index()] {
-                if kv != ki && !succ[kv].contains(&ki) {
+                if kv != ki && seen.insert((kv, ki)) {
                     succ[kv].push(ki);
                     indeg[ki] += 1;
                 }

@@ -438,3 +438,90 @@ fn mini_block_after_fuse_and_schedule() {
     assert_eq!(output_bits(&g, &env, Precision::F64), before64);
     assert_eq!(output_bits(&g, &env, Precision::F32), before32);
 }
+
+// ---- cost: fusion work grows linearly with depth -----------------------------------------------------------------
+
+/// An n-layer version of the mini block (LoRA on every projection), through autodiff and AdamW.
+fn llama_step(layers: usize) -> Graph {
+    let mut b = Builder::new("llama_step");
+    let ids = b.input("input_ids", Type::i32(vec![B, T])).unwrap();
+    let pos = b.input("position_ids", Type::i32(vec![B, T])).unwrap();
+    let seg = b.input("segment_ids", Type::i32(vec![B, T])).unwrap();
+    let labels = b.input("labels", Type::i32(vec![N])).unwrap();
+    b.set_label(Some("model.embed_tokens".into()));
+    let embed = frozen(&mut b, "model.embed_tokens.weight", &[V, D]);
+    let e = b.embedding(embed, ids).unwrap();
+    let mut h = b.reshape(e, &[N, D]).unwrap();
+    for i in 0..layers {
+        let l = format!("model.layers.{i}");
+        let n1 = rms_norm(&mut b, h, &format!("{l}.input_layernorm"));
+        let q = linear(&mut b, n1, &format!("{l}.self_attn.q_proj"), H * HD, true);
+        let k = linear(&mut b, n1, &format!("{l}.self_attn.k_proj"), KV * HD, true);
+        let v = linear(&mut b, n1, &format!("{l}.self_attn.v_proj"), KV * HD, true);
+        b.set_label(Some(format!("{l}.self_attn")));
+        let q = b.reshape(q, &[B, T, H, HD]).unwrap();
+        let q = b.rope(q, pos, 10000.0).unwrap();
+        let k = b.reshape(k, &[B, T, KV, HD]).unwrap();
+        let k = b.rope(k, pos, 10000.0).unwrap();
+        let v = b.reshape(v, &[B, T, KV, HD]).unwrap();
+        let o = b.attention(q, k, v, seg, 1.0 / (HD as f64).sqrt()).unwrap();
+        let o = b.reshape(o, &[N, H * HD]).unwrap();
+        let o = linear(&mut b, o, &format!("{l}.self_attn.o_proj"), D, true);
+        b.set_label(Some(l.clone()));
+        h = b.add(h, o).unwrap();
+        let n2 = rms_norm(&mut b, h, &format!("{l}.post_attention_layernorm"));
+        let gate = linear(&mut b, n2, &format!("{l}.mlp.gate_proj"), F, true);
+        let up = linear(&mut b, n2, &format!("{l}.mlp.up_proj"), F, true);
+        b.set_label(Some(format!("{l}.mlp")));
+        let a = b.swiglu(gate, up).unwrap();
+        let down = linear(&mut b, a, &format!("{l}.mlp.down_proj"), D, true);
+        b.set_label(Some(l.clone()));
+        h = b.add(h, down).unwrap();
+    }
+    let hn = rms_norm(&mut b, h, "model.norm");
+    let logits = linear(&mut b, hn, "lm_head", V, false);
+    b.set_label(Some("loss".into()));
+    let loss = b.cross_entropy(logits, labels, -100).unwrap();
+    b.output(OutputKind::Loss, loss);
+    let mut g = b.finish();
+    differentiate(&mut g, Wrt::Trainable).unwrap();
+    AdamW::default().run(&mut g).unwrap();
+    g
+}
+
+/// The work of `fuse` on `g`: readers looked at by the partition's cycle checks and reader-group queries, and by
+/// the templates deciding each group's outputs (which once scanned the rest of the graph per group: quadratic).
+fn fuse_work(g: &mut Graph) -> u64 {
+    let (kernels, partition_work) = passes::fuse::partition_counted(g);
+    g.kernels = kernels;
+    let uses = passes::fuse::Uses::of(g);
+    passes::fuse::split_uncovered_with(g, &uses);
+    passes::fuse::check_partition(g).unwrap();
+    partition_work + uses.visits.get()
+}
+
+#[test]
+fn fusion_work_grows_linearly_with_depth() {
+    use passes::recompute::{Recompute, RecomputePolicy};
+    // Without and with per-block recomputation (whose clones read checkpoints far back in the graph).
+    for policy in [RecomputePolicy::Off, RecomputePolicy::PerBlock] {
+        let step = |layers: usize| {
+            let mut g = llama_step(layers);
+            run_pass(&Recompute { policy }, &mut g);
+            g
+        };
+        let (mut g8, mut g16, mut g32) = (step(8), step(16), step(32));
+        let (w8, w16, w32) = (fuse_work(&mut g8), fuse_work(&mut g16), fuse_work(&mut g32));
+        assert!(w8 > 0);
+        // Twice the layers, at most 2.2× the work (a quadratic pass would take 4×).
+        assert!(w16 as f64 <= 2.2 * w8 as f64, "{policy:?}: 8 layers: {w8}, 16 layers: {w16}");
+        assert!(w32 as f64 <= 2.2 * w16 as f64, "{policy:?}: 16 layers: {w16}, 32 layers: {w32}");
+        // And per edge of the graph, a small constant.
+        let edges: usize = g32.nodes.iter().map(|n| n.inputs.len()).sum();
+        assert!(w32 <= 8 * edges as u64, "{policy:?}: {w32} readers looked at for {edges} edges");
+        // The same kernels as the pass itself forms.
+        let mut again = step(8);
+        run_pass(&Fuse, &mut again);
+        assert_eq!(again.kernels, g8.kernels);
+    }
+}

@@ -21,6 +21,19 @@ use ir::graph::BuildError;
 use ir::verify::VerifyError;
 use ir::{Builder, Graph, Node, Output, ValueId};
 
+/// Graph nodes visited by the front end's passes over the graph (finding modules, rebuilding it for quantization
+/// and adapters, checking a parameter name is new), in this process: tests check it grows linearly with depth.
+static NODES_VISITED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// See [`NODES_VISITED`].
+pub fn nodes_visited() -> u64 {
+    NODES_VISITED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub(crate) fn count_visits(n: usize) {
+    NODES_VISITED.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A transformation that could not be applied.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PeftError {
@@ -50,6 +63,7 @@ pub(crate) fn rebuild(
 ) -> Result<Graph, PeftError> {
     let mut b = Builder::new(g.name.clone());
     prologue(&mut b)?;
+    count_visits(g.nodes.len());
     let mut remap: Vec<ValueId> = Vec::with_capacity(g.nodes.len());
     for (i, n) in g.nodes.iter().enumerate() {
         let inputs: Vec<ValueId> = n.inputs.iter().map(|v| remap[v.index()]).collect();

@@ -93,6 +93,7 @@ pub fn linear_modules(g: &Graph) -> Vec<LinearModule> {
     let embedding_tables: Vec<ValueId> =
         g.nodes.iter().filter(|n| matches!(n.op, Op::Embedding {})).filter_map(|n| n.inputs.first().copied()).collect();
     let logits = g.output(&OutputKind::Logits);
+    super::count_visits(2 * g.nodes.len());
     let mut out = Vec::new();
     for v in g.ids() {
         let n = g.node(v);
