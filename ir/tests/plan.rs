@@ -343,3 +343,22 @@ fn a_kernel_argument_outside_the_graph_is_inconsistent() {
     assert_eq!(back.kernels[0].args, p.kernels[0].args);
     assert_eq!(back.kernels[0].launch, p.kernels[0].launch);
 }
+
+#[test]
+fn a_plan_with_nonsense_settings_is_refused_naming_the_field() {
+    // Issue 11, defect 5: a foreign plan's settings pass the same range checks as a recipe's.
+    let cases: Vec<(fn(&mut Plan), &str)> = vec![
+        (|p| p.train.lr = f64::NAN, "train settings: `lr` must be a finite number > 0, found NaN"),
+        (|p| p.train.beta1 = 2.0, "`beta1` must be a finite number in [0, 1), found 2.0"),
+        (|p| p.train.steps = u64::MAX, "`steps` must be an integer in [1, 2147483647]"),
+        (|p| p.peft.as_mut().unwrap().alpha = f64::INFINITY, "adapter settings: `alpha`"),
+        (|p| p.model_config.push(("norm_eps".into(), "-1.0".into())), "model config: `norm_eps`"),
+    ];
+    for (set, want) in cases {
+        let mut p = plan();
+        set(&mut p);
+        let err = Plan::from_bytes(&p.to_bytes().unwrap()).unwrap_err();
+        assert!(matches!(err, PlanError::Settings(_)), "{err:?}");
+        assert!(err.to_string().contains(want), "{err}");
+    }
+}
