@@ -155,11 +155,9 @@ pub struct SettingError {
 /// Checks a number against `field`'s rule in `table` (fields without a rule pass).
 pub fn check_f64(table: &[Rule], field: &str, x: f64) -> Result<(), SettingError> {
     match rule(table, field) {
-        Some(r) if !r.range.allows_f64(x) => Err(SettingError {
-            field: field.to_string(),
-            expected: r.range.to_string(),
-            found: format!("{x:?}"),
-        }),
+        Some(r) if !r.range.allows_f64(x) => {
+            Err(SettingError { field: field.to_string(), expected: r.range.to_string(), found: format!("{x:?}") })
+        }
         _ => Ok(()),
     }
 }

@@ -83,6 +83,7 @@ fn options(out: &std::path::Path, steps: u64) -> TrainOptions {
         base_model: "tiny".into(),
         progress: false,
         stop_after: None,
+        keep_checkpoints: 0,
     }
 }
 
