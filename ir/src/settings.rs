@@ -311,7 +311,8 @@ mod tests {
     #[test]
     fn good_settings_pass_and_every_nonsense_value_is_named() {
         good().validate().unwrap();
-        let cases: Vec<(fn(&mut TrainSettings), &str, &str)> = vec![
+        type Set = fn(&mut TrainSettings);
+        let cases: Vec<(Set, &str, &str)> = vec![
             (|t| t.lr = f64::NAN, "lr", "a finite number > 0, found NaN"),
             (|t| t.lr = f64::INFINITY, "lr", "found inf"),
             (|t| t.lr = -1e-3, "lr", "found -0.001"),

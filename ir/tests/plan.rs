@@ -347,7 +347,8 @@ fn a_kernel_argument_outside_the_graph_is_inconsistent() {
 #[test]
 fn a_plan_with_nonsense_settings_is_refused_naming_the_field() {
     // Issue 11, defect 5: a foreign plan's settings pass the same range checks as a recipe's.
-    let cases: Vec<(fn(&mut Plan), &str)> = vec![
+    type Tamper = fn(&mut Plan);
+    let cases: Vec<(Tamper, &str)> = vec![
         (|p| p.train.lr = f64::NAN, "train settings: `lr` must be a finite number > 0, found NaN"),
         (|p| p.train.beta1 = 2.0, "`beta1` must be a finite number in [0, 1), found 2.0"),
         (|p| p.train.steps = u64::MAX, "`steps` must be an integer in [1, 2147483647]"),
