@@ -198,6 +198,7 @@ pub fn new_model(it: &mut Interp, a: &Args) -> Result<Value, Error> {
     let arch = a.str(0)?;
     let Value::Struct(_) = &a.vals[1] else { return Err(a.wrong(1, "a config struct")) };
     let Value::Fn(forward) = &a.vals[2] else { return Err(a.wrong(2, "a function `fn(config, Tokens) -> Tensor`")) };
+    check_model_config(&a.vals[1], a.span(1))?;
     let takes = it.prog.fns.get(&**forward).map_or(0, |d| d.params.len());
     if takes != 2 {
         return Err(a.wrong(2, "a function `fn(config, Tokens) -> Tensor` (two parameters)"));
@@ -208,6 +209,27 @@ pub fn new_model(it: &mut Interp, a: &Args) -> Result<Value, Error> {
         forward: forward.clone(),
         call_site: it.user_call_site().unwrap_or(a.call),
     })))
+}
+
+/// The numeric fields of an architecture's config against `ir::settings::MODEL_RULES` (and the rules between them:
+/// heads divide hidden, kv_heads divide heads); a diagnostic at the offending field.
+fn check_model_config(config: &Value, at: Span) -> Result<(), Error> {
+    let Value::Struct(s) = config else { return Ok(()) };
+    let what = s.name.clone();
+    check_fields(s, ir::settings::MODEL_RULES, at, &what)?;
+    let nums: Vec<(&str, f64)> = s
+        .fields
+        .iter()
+        .filter_map(|f| match f.value {
+            Value::Int(i) => Some((f.name.as_str(), i as f64)),
+            Value::Float(x) => Some((f.name.as_str(), x)),
+            _ => None,
+        })
+        .collect();
+    ir::settings::validate_model_config(&nums).map_err(|e| {
+        let span = field_span(s, &e.field, at);
+        setting_error(e, span, &what)
+    })
 }
 
 /// `Recipe::new(model)`.
@@ -270,6 +292,10 @@ pub fn method(_: &mut Interp, r: &Rc<RecipeVal>, a: &Args) -> Result<Value, Erro
                     .label("must be > 0"));
                 }
             }
+            check_fields(&s, ir::settings::TRAIN_RULES, a.span(0), "Train")?;
+            let (steps, accum) = (int_field(&s, "steps", a.span(0))?, int_field(&s, "grad_accum", a.span(0))?);
+            ir::settings::check_train_cross(steps as u64, accum as u64)
+                .map_err(|e| setting_error(e, field_span(&s, "steps", a.span(0)), "Train"))?;
             r.train = Some(TrainConfig::from_struct(&s));
         }
         "name" => {
@@ -280,6 +306,26 @@ pub fn method(_: &mut Interp, r: &Rc<RecipeVal>, a: &Args) -> Result<Value, Erro
         _ => return Err(unknown_method(&Value::Recipe(Rc::new(r)), a, RECIPE_METHODS)),
     }
     Ok(Value::Recipe(Rc::new(r)))
+}
+
+/// Checks every numeric field of `s` that has a rule in `table` (`ir::settings`): a diagnostic at the first field
+/// out of its range, naming the field and the range.
+fn check_fields(s: &StructVal, table: &[ir::settings::Rule], at: Span, what: &str) -> Result<(), Error> {
+    for f in &s.fields {
+        let checked = match &f.value {
+            Value::Int(i) => ir::settings::check_int(table, &f.name, *i as i128),
+            Value::Float(x) => ir::settings::check_f64(table, &f.name, *x),
+            _ => Ok(()),
+        };
+        checked.map_err(|e| setting_error(e, f.origin.unwrap_or(at), what))?;
+    }
+    Ok(())
+}
+
+/// A setting out of range as a diagnostic at `at`.
+fn setting_error(e: ir::settings::SettingError, at: Span, what: &str) -> Error {
+    let help = format!("allowed for `{}` in `{what}`: {}", e.field, e.expected);
+    Error::new(DiagKind::InvalidValue, at, format!("invalid {what}: {e}")).label("out of range").help(help)
 }
 
 fn struct_arg(a: &Args, i: usize, names: &[&str]) -> Result<Rc<StructVal>, Error> {
@@ -339,6 +385,8 @@ fn lora_spec(s: &StructVal, at: Span) -> Result<LoraSpec, Error> {
         )
         .label("out of range"));
     }
+    // The remaining bounds of the shared table (the rank's maximum, alpha > 0).
+    check_fields(s, ir::settings::ADAPTER_RULES, at, &s.name)?;
     let dora = s.name == "Dora" || bool_field(s, "dora");
     Ok(LoraSpec { rank, alpha, dropout, rslora: bool_field(s, "rslora"), dora })
 }

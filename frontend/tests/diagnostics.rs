@@ -301,3 +301,82 @@ fn recipes_cannot_read_files_or_the_environment() {
     let d = error(&hostile("", "let s = include_str!(\"/etc/passwd\");"));
     insta::assert_snapshot!(d.render());
 }
+
+/// Issue 11, defect 5: every training, adapter and model setting is range-checked (the table in `ir::settings`),
+/// with the field, the allowed range and a caret on the value.
+#[test]
+fn a_nan_learning_rate_is_refused() {
+    let d = error(&recipe_with("Recipe::new(base).train(Train { lr: 0.0 / 0.0, ..Train::default() })"));
+    assert_eq!(d.kind, DiagKind::InvalidValue);
+    assert_eq!(d.message, "invalid Train: `lr` must be a finite number > 0, found NaN");
+    insta::assert_snapshot!(d.render());
+}
+
+#[test]
+fn beta1_outside_0_1_is_refused() {
+    let d = error(&recipe_with("Recipe::new(base).train(Train { beta1: 2.0, ..Train::default() })"));
+    assert_eq!(d.kind, DiagKind::InvalidValue);
+    assert_eq!(d.message, "invalid Train: `beta1` must be a finite number in [0, 1), found 2.0");
+    insta::assert_snapshot!(d.render());
+}
+
+#[test]
+fn every_nonsense_training_setting_names_its_field() {
+    for (field, value, found) in [
+        ("max_grad_norm", "0.0 / 0.0", "NaN"),
+        ("max_grad_norm", "-1.0", "-1.0"),
+        ("beta2", "1.0", "1.0"),
+        ("eps", "0.0", "0.0"),
+        ("weight_decay", "1.0 / 0.0", "inf"),
+        ("lr", "-0.001", "-0.001"),
+        ("steps", "0", "0"),
+        ("seq_len", "2000000", "2000000"),
+    ] {
+        let d =
+            error(&recipe_with(&format!("Recipe::new(base).train(Train {{ {field}: {value}, ..Train::default() }})")));
+        assert_eq!(d.kind, DiagKind::InvalidValue, "{field}: {}", d.message);
+        assert!(d.message.contains(&format!("`{field}` must be")), "{}", d.message);
+        assert!(d.message.ends_with(&format!("found {found}")), "{}", d.message);
+    }
+    let d = error(&recipe_with(
+        "Recipe::new(base).train(Train { seq_len: 8, steps: 1073741824, grad_accum: 4, ..Train::default() })",
+    ));
+    assert!(d.message.contains("`steps` must be at most 2147483647 / grad_accum (4)"), "{}", d.message);
+}
+
+#[test]
+fn nonsense_adapter_settings_name_their_field() {
+    for (lora, msg) in [
+        ("rank: 4, alpha: 0.0 / 0.0", "alpha must be a finite number"),
+        ("rank: 4, alpha: -8.0", "`alpha` must be a finite number > 0, found -8.0"),
+        ("rank: 100000, alpha: 8.0", "`rank` must be an integer in [1, 65536], found 100000"),
+        ("rank: 4, alpha: 8.0, dropout: 0.0 / 0.0", "dropout must be in [0, 1), got NaN"),
+    ] {
+        let d = error(&recipe_with(&format!("Recipe::new(base).adapter(Lora {{ {lora}, targets: ALL_LINEAR }})")));
+        assert_eq!(d.kind, DiagKind::InvalidValue, "{}", d.message);
+        assert!(d.message.contains(msg), "{}", d.message);
+    }
+}
+
+#[test]
+fn an_infinite_norm_eps_is_refused() {
+    let d = error(&recipe_with("Recipe::new(base)").replace("norm_eps: 1e-5", "norm_eps: 1.0 / 0.0"));
+    assert_eq!(d.kind, DiagKind::InvalidValue);
+    assert_eq!(d.message, "invalid LlamaConfig: `norm_eps` must be a finite number > 0, found inf");
+    insta::assert_snapshot!(d.render());
+}
+
+#[test]
+fn a_negative_rope_theta_is_refused() {
+    let d = error(&recipe_with("Recipe::new(base)").replace("rope_theta: 10000.0", "rope_theta: -10000.0"));
+    assert_eq!(d.kind, DiagKind::InvalidValue);
+    assert_eq!(d.message, "invalid LlamaConfig: `rope_theta` must be a finite number > 0, found -10000.0");
+    insta::assert_snapshot!(d.render());
+}
+
+#[test]
+fn an_oversized_model_dimension_is_refused() {
+    let d = error(&recipe_with("Recipe::new(base)").replace("vocab: 128", "vocab: 1000000000"));
+    assert_eq!(d.kind, DiagKind::InvalidValue);
+    assert_eq!(d.message, "invalid LlamaConfig: `vocab` must be an integer in [1, 4194304], found 1000000000");
+}

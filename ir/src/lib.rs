@@ -12,6 +12,7 @@ pub mod nf4;
 pub mod ops;
 pub mod plan;
 pub mod rng;
+pub mod settings;
 pub mod text;
 pub mod types;
 pub mod untrusted;

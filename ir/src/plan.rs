@@ -119,6 +119,9 @@ pub enum PlanError {
     Graph(String),
     #[error("inconsistent plan: {0}")]
     Inconsistent(String),
+    /// A training, adapter or model setting out of its range (`crate::settings`).
+    #[error("the plan's {0}; recompile the recipe (a plan from elsewhere may hold any values)")]
+    Settings(String),
 }
 
 /// Where a buffer lives.
@@ -459,6 +462,7 @@ impl Plan {
             model_config: p.model_config,
         };
         plan.check()?;
+        plan.check_settings()?;
         Ok(plan)
     }
 

@@ -558,3 +558,23 @@ fn kernels_sharing_code_take_the_same_arguments() {
     p.kernels[1].seeds = vec![7];
     assert!(p.check().unwrap_err().to_string().contains("1 seeds"));
 }
+
+#[test]
+fn a_plan_with_nonsense_settings_is_refused_naming_the_field() {
+    // Issue 11, defect 5: a foreign plan's settings pass the same range checks as a recipe's.
+    type Tamper = fn(&mut Plan);
+    let cases: Vec<(Tamper, &str)> = vec![
+        (|p| p.train.lr = f64::NAN, "train settings: `lr` must be a finite number > 0, found NaN"),
+        (|p| p.train.beta1 = 2.0, "`beta1` must be a finite number in [0, 1), found 2.0"),
+        (|p| p.train.steps = u64::MAX, "`steps` must be an integer in [1, 2147483647]"),
+        (|p| p.peft.as_mut().unwrap().alpha = f64::INFINITY, "adapter settings: `alpha`"),
+        (|p| p.model_config.push(("norm_eps".into(), "-1.0".into())), "model config: `norm_eps`"),
+    ];
+    for (set, want) in cases {
+        let mut p = plan();
+        set(&mut p);
+        let err = Plan::from_bytes(&p.to_bytes().unwrap()).unwrap_err();
+        assert!(matches!(err, PlanError::Settings(_)), "{err:?}");
+        assert!(err.to_string().contains(want), "{err}");
+    }
+}

@@ -99,6 +99,43 @@ pub struct RunArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub trust: crate::trust::TrustArgs,
+    /// Keep the newest N checkpoints under --out/checkpoints (0: all); the one resumed from is never deleted.
+    #[arg(long = "keep-checkpoints", default_value_t = crate::train::DEFAULT_KEEP_CHECKPOINTS)]
+    pub keep_checkpoints: usize,
+}
+
+/// The most threads `--threads` may ask for.
+pub const MAX_THREADS: usize = 4096;
+
+/// Checks the command line's numbers before anything is loaded, each against its setting's rule
+/// (`ir::settings::TRAIN_RULES`), naming the flag; `TrainOptions::validate` checks the settings in effect again.
+fn check_flags(args: &RunArgs) -> Result<(), String> {
+    use ir::settings::{check_f64, check_int, TRAIN_RULES};
+    let flag =
+        |f: &str, e: ir::settings::SettingError| format!("error: {f}: expected {}, found {}", e.expected, e.found);
+    if let Some(lr) = args.lr {
+        check_f64(TRAIN_RULES, "lr", lr).map_err(|e| flag("--lr (the peak learning rate)", e))?;
+    }
+    for (f, field, x) in [
+        ("--steps", "steps", args.steps),
+        ("--warmup", "warmup_steps", args.warmup),
+        ("--eval-every", "eval_every", args.eval_every),
+        ("--save-every", "save_every", args.save_every),
+    ] {
+        if let Some(x) = x {
+            check_int(TRAIN_RULES, field, x as i128).map_err(|e| flag(f, e))?;
+        }
+    }
+    let split = args.eval_split;
+    if !(split.is_finite() && split >= 0.0 && (split < 1.0 || split.fract() == 0.0 && split <= u32::MAX as f64)) {
+        return Err(format!(
+            "error: --eval-split: expected a fraction in [0, 1) or a whole count of examples (≥ 1), found {split:?}"
+        ));
+    }
+    if !(1..=MAX_THREADS).contains(&args.threads) {
+        return Err(format!("error: --threads: expected an integer in [1, {MAX_THREADS}], found {}", args.threads));
+    }
+    Ok(())
 }
 
 /// Compiles a recipe (`.rs`) into a plan: for the cpu target (host code only) or, with `gpu`, the h100 target
@@ -174,6 +211,7 @@ fn load_weights(set: &mut SetParam<'_>, plan: &Plan, args: &RunArgs, seed: u64) 
 
 /// Runs `tunec run` (the runner's `run`): `compile` turns a recipe path into a plan when the binary can.
 pub fn run(args: &RunArgs, compile: Option<CompileRecipe<'_>>) -> Result<(), String> {
+    check_flags(args)?;
     // The backend actually used: auto picks cuda when a driver and a GPU are present.
     let backend = match args.backend {
         Backend::Auto if crate::cuda_available().is_ok() => Backend::Cuda,
@@ -266,7 +304,9 @@ pub fn run(args: &RunArgs, compile: Option<CompileRecipe<'_>>) -> Result<(), Str
         base_model,
         progress: !args.quiet,
         stop_after: None,
+        keep_checkpoints: args.keep_checkpoints,
     };
+    topts.validate(t.grad_accum).map_err(|e| format!("error: {e}"))?;
     let on = if backend == Backend::Cuda {
         "the cuda backend (GPU 0)".to_string()
     } else if backend == Backend::Interp {

@@ -81,6 +81,7 @@ fn options(out: &std::path::Path) -> TrainOptions {
         base_model: "tiny".into(),
         progress: false,
         stop_after: None,
+        keep_checkpoints: 0,
     }
 }
 

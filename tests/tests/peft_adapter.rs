@@ -189,6 +189,7 @@ fn peft_loads_our_adapter(example: &str) {
         base_model: "tunec-test/tiny-base".into(),
         progress: false,
         stop_after: None,
+        keep_checkpoints: 0,
     };
     let summary = train(&plan, &mut be, &mut data, &o).unwrap();
     eprintln!("{example}: {STEPS} steps, eval loss {:?} → {:?}", summary.eval_before, summary.eval_after);

@@ -83,6 +83,7 @@ fn options(out: &std::path::Path, steps: u64) -> TrainOptions {
         base_model: "tiny".into(),
         progress: false,
         stop_after: None,
+        keep_checkpoints: 0,
     }
 }
 
@@ -164,4 +165,23 @@ fn the_loss_of_a_repeated_batch_falls() {
     assert_eq!(recs.iter().filter(|r| r.loss.is_some()).count(), 30);
     assert!(recs.iter().all(|r| r.loss.is_none() || r.lr.is_some() && r.grad_norm.is_some()));
     assert!(runtime::train::checkpoint::latest(out.path()).unwrap().ends_with("step-0000030.safetensors"));
+}
+
+#[test]
+fn an_update_that_leaves_a_parameter_non_finite_stops_the_run_naming_it() {
+    // Issue 11, defect 5: the loss of step 1 is finite, but a negative second moment (a corrupt optimizer state)
+    // makes AdamW's update NaN; the run stops at that step instead of training on and writing a NaN adapter.
+    let plan = plan("tiny.lora.rs");
+    let out = tempfile::tempdir().unwrap();
+    let mut be = common::seeded_cpu_backend(&plan);
+    let p = plan.params.iter().find(|p| p.name.ends_with(".lora_A.weight")).unwrap();
+    let state = format!("optimizer.{}.exp_avg_sq", p.name);
+    be.set_param_f32(&state, &vec![-1.0; p.shape.iter().product()]).unwrap();
+    let mut o = options(out.path(), 3);
+    o.warmup = 0;
+    let err = train(&plan, &mut be, &mut data(&plan, true), &o).unwrap_err();
+    assert!(err.starts_with("step 1: the loss is "), "{err}");
+    assert!(err.contains("but after the update `") && err.contains("holds NaN"), "{err}");
+    assert!(runtime::train::checkpoint::latest(out.path()).is_none(), "no checkpoint holds the NaN values");
+    assert!(!out.path().join("adapter").exists(), "no adapter was written");
 }

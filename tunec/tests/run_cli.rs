@@ -98,6 +98,8 @@ fn run_args<'a>(data: &'a str, tok: &'a str, out: &'a str, steps: &'a str) -> Ve
         "2",
         "--quiet",
         "--loss-on-all",
+        "--keep-checkpoints",
+        "0",
     ]
 }
 

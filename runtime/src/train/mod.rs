@@ -27,6 +27,8 @@ pub mod metrics;
 pub mod random;
 pub mod schedule;
 pub mod source;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -291,6 +293,83 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Stop after this many steps of this invocation (for tests of resume); `None` runs to `steps`.
     pub stop_after: Option<u64>,
+    /// Keep the newest N checkpoints (0: all); the one a run resumed from is never deleted.
+    pub keep_checkpoints: usize,
+}
+
+/// `--keep-checkpoints`' default.
+pub const DEFAULT_KEEP_CHECKPOINTS: usize = 3;
+
+impl TrainOptions {
+    /// Checks the run's settings against `ir::settings::TRAIN_RULES` (and `steps × grad_accum` against the plan's
+    /// step counter), naming the setting: the command line and library callers get the same rules as a recipe.
+    pub fn validate(&self, grad_accum: u64) -> Result<(), String> {
+        use ir::settings::{check_f64, check_int, check_train_cross, TRAIN_RULES};
+        let flag = |f: &str, e: ir::settings::SettingError| format!("{f}: expected {}, found {}", e.expected, e.found);
+        check_f64(TRAIN_RULES, "lr", self.lr).map_err(|e| flag("--lr (the peak learning rate)", e))?;
+        check_int(TRAIN_RULES, "steps", self.steps as i128).map_err(|e| flag("--steps", e))?;
+        check_int(TRAIN_RULES, "warmup_steps", self.warmup as i128).map_err(|e| flag("--warmup", e))?;
+        check_int(TRAIN_RULES, "eval_every", self.eval_every as i128).map_err(|e| flag("--eval-every", e))?;
+        check_int(TRAIN_RULES, "save_every", self.save_every as i128).map_err(|e| flag("--save-every", e))?;
+        check_train_cross(self.steps, grad_accum).map_err(|e| flag("--steps", e))
+    }
+}
+
+/// What a checkpoint records of the plan, to refuse resuming another plan's: the recipe, the model's config, the
+/// adapter and the batch shape. (Not the graph itself: the same recipe compiled for another target or backend resumes.)
+pub fn plan_identity(plan: &Plan) -> String {
+    let t = &plan.train;
+    let model: Vec<String> = plan.model_config.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let adapter = plan.peft.as_ref().map_or("none".to_string(), |a| {
+        format!(
+            "{} r={} alpha={:?} rslora={} dora={} targets={}",
+            a.method,
+            a.r,
+            a.alpha,
+            a.use_rslora,
+            a.use_dora,
+            a.target_modules.join(",")
+        )
+    });
+    format!(
+        "recipe {}; model {}; adapter {adapter}; seq_len {} micro_batch {} grad_accum {}",
+        plan.recipe,
+        model.join(" "),
+        t.seq_len,
+        t.micro_batch,
+        t.grad_accum
+    )
+}
+
+/// The first non-finite value among `tensors`, described.
+fn first_nonfinite_tensor(tensors: &Tensors) -> Option<String> {
+    tensors.iter().find_map(|(n, _, d)| {
+        let i = d.iter().position(|x| !x.is_finite())?;
+        Some(format!("`{n}` holds {} at element {i}", d[i]))
+    })
+}
+
+/// Reads and checks the newest checkpoint; when it is bad, says which older one is intact.
+fn read_for_resume(path: &std::path::Path, want: &checkpoint::Expected) -> Result<Checkpoint, String> {
+    let max = want.max_file_bytes().ok_or("the plan's tensors overflow a checkpoint's size")?;
+    let read = |p: &std::path::Path| -> Result<Checkpoint, checkpoint::CheckpointError> {
+        let ck = Checkpoint::read_bounded(p, max)?;
+        ck.check_against(p, want)?;
+        Ok(ck)
+    };
+    read(path).map_err(|e| {
+        let older = checkpoint::list(path.parent().and_then(|d| d.parent()).unwrap_or(std::path::Path::new(".")));
+        let good = older.iter().rev().filter(|p| p.as_path() != path).find(|p| read(p).is_ok());
+        let hint = match good {
+            Some(g) => format!(
+                "; the previous checkpoint {} is intact: move {} out of the way and --resume again",
+                g.display(),
+                path.display()
+            ),
+            None => "; no older checkpoint is intact: start again without --resume (in a new --out)".to_string(),
+        };
+        format!("--resume: {e}{hint}")
+    })
 }
 
 /// What a run did.
@@ -336,26 +415,45 @@ pub fn train(
     data: &mut dyn DataSource,
     opts: &TrainOptions,
 ) -> Result<TrainSummary, String> {
+    opts.validate(plan.train.grad_accum)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
     let metrics_path = opts.out.join("metrics.jsonl");
+    // A killed run leaves its temporary files (`.tunec-tmp-*`) behind: remove them.
+    let dirs = [opts.out.clone(), opts.out.join("checkpoints"), opts.out.join("adapter")];
+    let stale = checkpoint::remove_stale_temp_files(&dirs).map_err(|e| e.to_string())?;
+    if stale > 0 {
+        eprintln!("removed {stale} temporary file(s) a killed run left under {}", opts.out.display());
+    }
     let mut start = 0u64;
     let mut tokens_total = 0u64;
+    let mut resumed_from = None;
     if opts.resume {
         match checkpoint::latest(&opts.out) {
             Some(p) => {
-                let ck = Checkpoint::read(&p).map_err(|e| e.to_string())?;
-                if ck.meta.recipe != plan.recipe {
+                let want = checkpoint::Expected {
+                    tensors: plan
+                        .params
+                        .iter()
+                        .filter(|p| matches!(p.role, Role::Trainable | Role::State))
+                        .map(|p| (p.name.clone(), p.shape.clone()))
+                        .collect(),
+                    plan: plan_identity(plan),
+                    recipe: plan.recipe.clone(),
+                    steps: opts.steps,
+                };
+                let ck = read_for_resume(&p, &want)?;
+                if ck.meta.step > opts.steps {
                     return Err(format!(
-                        "{}: a checkpoint of recipe `{}`, not `{}`",
+                        "--resume: {}: the checkpoint is at step {}, past --steps {}: nothing to train; raise --steps",
                         p.display(),
-                        ck.meta.recipe,
-                        plan.recipe
+                        ck.meta.step,
+                        opts.steps
                     ));
                 }
                 for (n, _, d) in &ck.tensors {
                     be.set_state(n, d)?;
                 }
-                data.restore(&ck.meta.data)?;
+                data.restore(&ck.meta.data).map_err(|e| format!("--resume: {}: {e}", p.display()))?;
                 start = ck.meta.step;
                 tokens_total = ck.meta.tokens;
                 // Lines a killed run wrote after its last checkpoint are dropped: they are computed again.
@@ -368,12 +466,27 @@ pub fn train(
                     let text = if kept.is_empty() { String::new() } else { kept.join("\n") + "\n" };
                     checkpoint::write_atomic(&metrics_path, text.as_bytes()).map_err(|e| e.to_string())?;
                 }
-                eprintln!("resuming from {} (step {start})", p.display());
+                if start == opts.steps {
+                    eprintln!("resuming from {} (step {start} = --steps): nothing to train", p.display());
+                } else {
+                    eprintln!("resuming from {} (step {start})", p.display());
+                }
+                resumed_from = Some(p);
             }
             None => eprintln!("--resume: no checkpoint under {}; starting from step 0", opts.out.display()),
         }
-    } else if metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+    } else {
+        if let Some(p) = checkpoint::latest(&opts.out) {
+            return Err(format!(
+                "{} holds a checkpoint of an earlier run ({}): --resume to continue it, or choose another --out (or \
+                 remove that folder) to start over",
+                opts.out.join("checkpoints").display(),
+                p.display()
+            ));
+        }
+        if metrics_path.exists() {
+            std::fs::remove_file(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+        }
     }
     let mut log = MetricsLog::open(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
     let sched = Schedule { lr: opts.lr, warmup: opts.warmup, total: opts.steps };
@@ -385,7 +498,7 @@ pub fn train(
             log.write(&Record { step: 0, eval_loss: Some(l), ..Record::default() }).map_err(|e| e.to_string())?;
         }
     }
-    let end = opts.stop_after.map_or(opts.steps, |n| (start + n).min(opts.steps));
+    let end = opts.stop_after.map_or(opts.steps, |n| start.saturating_add(n).min(opts.steps));
     let bar = opts.progress.then(|| {
         let pb = indicatif::ProgressBar::new(opts.steps);
         pb.set_style(
@@ -402,11 +515,25 @@ pub fn train(
     let mut run_tokens = 0u64;
     let save = |be: &dyn StepBackend, data: &dyn DataSource, step: u64, tokens: u64| -> Result<(), String> {
         let ck = Checkpoint {
-            meta: CheckpointMeta { step, data: data.position(), seed: opts.seed, recipe: plan.recipe.clone(), tokens },
+            meta: CheckpointMeta {
+                step,
+                data: data.position(),
+                seed: opts.seed,
+                recipe: plan.recipe.clone(),
+                tokens,
+                plan: plan_identity(plan),
+            },
             tensors: be.state()?,
         };
-        ck.write(&checkpoint::path_for(&opts.out, step)).map_err(|e| e.to_string())
+        let path = checkpoint::path_for(&opts.out, step);
+        ck.write(&path).map_err(|e| e.to_string())?;
+        checkpoint::prune(&opts.out, opts.keep_checkpoints, &path, resumed_from.as_deref())
+            .map_err(|e| e.to_string())?;
+        Ok(())
     };
+    // The trainable parameters and optimizer states before each micro-step (restored to name the culprit when a
+    // step goes non-finite); after each, the same is checked for non-finite values.
+    let mut current = if start < end { be.state()? } else { vec![] };
     let k = plan.train.grad_accum.max(1);
     for step in start + 1..=end {
         let lr = sched.lr_at(step);
@@ -420,12 +547,15 @@ pub fn train(
                 apply: micro + 1 == k,
             };
             be.set_step_inputs(&batch, s)?;
-            let before = be.state()?;
             let t0 = Instant::now();
             let (loss, norm) = be.run_step()?;
             dt += t0.elapsed().as_secs_f64();
-            if !loss.is_finite() {
-                for (n, _, d) in &before {
+            // A finite loss can still come with a non-finite update (an infinite gradient, a corrupt optimizer
+            // state): the parameters and states after the step are checked too.
+            let after = if loss.is_finite() { Some(be.state()?) } else { None };
+            let bad_update = after.as_ref().and_then(first_nonfinite_tensor);
+            if !loss.is_finite() || bad_update.is_some() {
+                for (n, _, d) in &current {
                     be.set_state(n, d)?;
                 }
                 be.set_step_inputs(&batch, s)?;
@@ -434,8 +564,19 @@ pub fn train(
                     b.abandon();
                 }
                 let at = if k > 1 { format!(" (micro-batch {} of {k})", micro + 1) } else { String::new() };
-                return Err(format!("step {step}{at}: the loss is {loss}; stopped. First non-finite value: {culprit}"));
+                let what = match bad_update {
+                    Some(t) => format!(
+                        "the loss is {loss} but after the update {t} (gradient norm {})",
+                        norm.map_or("n/a".to_string(), |g| g.to_string())
+                    ),
+                    None => format!("the loss is {loss}"),
+                };
+                return Err(format!(
+                    "step {step}{at}: {what}; stopped (nothing of this step was saved). First non-finite value: \
+                     {culprit}"
+                ));
             }
+            current = after.unwrap_or_default();
             loss_sum += loss as f64;
             grad_norm = norm;
             tokens += batch.input_ids.len() as u64;
