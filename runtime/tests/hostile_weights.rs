@@ -573,9 +573,12 @@ fn run_refuses_a_model_whose_config_differs_from_the_plan() {
     })
     .unwrap();
     let plan_path = dir.path().join("plan.bin");
-    plan.write(&plan_path).unwrap();
+    // Signed with this test's own key (its own config dir), as `tunec compile -o` would.
+    let home = dir.path().join("tunec-home");
+    runtime::trust::write_signed(&plan, &plan_path, &runtime::trust::TrustOptions::in_dir(home.clone())).unwrap();
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/alpaca.jsonl");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunec-runner"))
+        .env("TUNEC_HOME", &home)
         .arg("run")
         .arg(&plan_path)
         .arg("--data")
