@@ -259,6 +259,8 @@ fn a_compiled_plan_is_signed_and_another_users_plan_needs_trust() {
     assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
     let trust = tunec(dir.path(), &["trust", p]).output().unwrap();
     assert!(trust.status.success(), "{}", String::from_utf8_lossy(&trust.stderr));
+    // A fresh run (a run refuses an --out holding an earlier run's checkpoints).
+    std::fs::remove_dir_all(&out).unwrap();
     let ran = tunec(dir.path(), &args).output().unwrap();
     assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
 }

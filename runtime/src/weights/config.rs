@@ -9,10 +9,6 @@ use serde_json::{json, Value};
 
 use super::{read_json, write_json, WeightsError};
 
-/// Most layers a config may declare (the largest Llama has 126): a config saying more is refused before anything
-/// is allocated per layer.
-pub const MAX_LAYERS: usize = 4096;
-
 /// The DSL's `LlamaConfig` fields (`models/dsl/llama.rs`, recorded in a plan's `model_config`) and the HF
 /// `config.json` keys they correspond to. `tunec run --model` compares every one (see
 /// [`LlamaConfig::plan_mismatches`]).
@@ -178,9 +174,9 @@ impl LlamaConfig {
         Ok(config)
     }
 
-    /// Checks the sizes are usable: every dimension positive, an even head dimension, at most [`MAX_LAYERS`]
-    /// layers, every weight's element count representable (checked arithmetic), finite positive `rope_theta` and
-    /// `rms_norm_eps`. `path` names the file (config.json or the GGUF file) in errors.
+    /// Checks the sizes are usable: every dimension positive, each setting within its range of
+    /// `ir::settings::MODEL_RULES` (layers, heads, finite positive `rope_theta` and `rms_norm_eps`, …), an even head
+    /// dimension, every weight's element count representable (checked arithmetic). `path` names the file (config.json or the GGUF file) in errors.
     pub fn validate(&self, path: &Path) -> Result<(), WeightsError> {
         let bad = |m: String| Err(WeightsError::format(path, m));
         for (k, v) in [
@@ -196,11 +192,21 @@ impl LlamaConfig {
                 return bad(format!("`{k}` is 0; it must be positive"));
             }
         }
-        if self.num_hidden_layers > MAX_LAYERS {
-            return bad(format!(
-                "`num_hidden_layers` is {}, more than the {MAX_LAYERS} tunec accepts (weights::config::MAX_LAYERS)",
-                self.num_hidden_layers
-            ));
+        // The ranges every model setting must be in (`ir::settings::MODEL_RULES`, the table the recipe and a plan
+        // are checked against too): checked before anything is allocated per layer.
+        let fields = [
+            ("vocab", self.vocab_size as f64),
+            ("hidden", self.hidden_size as f64),
+            ("layers", self.num_hidden_layers as f64),
+            ("heads", self.num_attention_heads as f64),
+            ("kv_heads", self.num_key_value_heads as f64),
+            ("ffn", self.intermediate_size as f64),
+            ("rope_theta", self.rope_theta),
+            ("norm_eps", self.rms_norm_eps),
+        ];
+        if let Err(e) = ir::settings::validate_model_config(&fields) {
+            let hf = PLAN_FIELDS.iter().find(|(dsl, _)| *dsl == e.field).map_or(e.field.as_str(), |&(_, hf)| hf);
+            return bad(format!("`{hf}` must be {}, found {} (ir::settings::MODEL_RULES)", e.expected, e.found));
         }
         if self.head_dim % 2 != 0 {
             return bad(format!("`head_dim` {} is odd; rotary embeddings need an even head dimension", self.head_dim));
@@ -222,11 +228,6 @@ impl LlamaConfig {
             // A weight of more than 2^40 elements (4 TiB of f32) is no model tunec can load.
             if n.is_none_or(|n| n > 1 << 40) {
                 return bad(format!("{what} overflows: the sizes are corrupt"));
-            }
-        }
-        for (k, x) in [("rope_theta", self.rope_theta), ("rms_norm_eps", self.rms_norm_eps)] {
-            if !x.is_finite() || x <= 0.0 {
-                return bad(format!("`{k}` is {x}; it must be a finite positive number"));
             }
         }
         Ok(())
