@@ -82,6 +82,7 @@ fn good_seeds_are_accepted() {
         ("dsl", "tiny.lora.rs"),
         ("dsl", "llama2-7b.qlora.rs"),
         ("plan", "tiny.lora.forward.plan"),
+        ("plan", "tiny.qlora.plan"),
         ("gguf", "tiny-tied.gguf"),
         ("model_dir", "tiny"),
         ("model_dir", "tiny-smol-template"),
