@@ -33,7 +33,7 @@ echo "== cargo afl build --release (fuzz/)"
 work="$root/target/fuzz"
 mkdir -p "$work/out" "$work/tmp" "$work/hangs"
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1 AFL_NO_AFFINITY=1 AFL_FAST_CAL=1
-export AFL_SKIP_BIN_CHECK=1 AFL_NO_WARN_INSTABILITY=1
+export AFL_NO_WARN_INSTABILITY=1
 crashed=0
 rows=()
 json=()
