@@ -119,7 +119,9 @@ impl TextTokenizer {
     /// Loads `tokenizer.json` at `path`; each special token must be one token of it, recognised in text.
     pub fn from_file(path: &Path, special: SpecialTokens) -> Result<TextTokenizer, DataError> {
         let bad = |message: String| DataError::Tokenizer { path: path.to_path_buf(), message };
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+        let inner = crate::weights::tokenizer::tokenizer_from_json(&text).map_err(bad)?;
         TextTokenizer::new(inner, path, special)
     }
 

@@ -235,8 +235,16 @@ pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, WeightsError
     if !path.exists() {
         return Err(WeightsError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json")));
     }
-    tokenizers::Tokenizer::from_file(path)
-        .map_err(|e| WeightsError::format(path, format!("cannot load the tokenizer: {e}")))
+    let text = std::fs::read_to_string(path).map_err(|e| WeightsError::io(path, e))?;
+    tokenizer_from_json(&text).map_err(|e| WeightsError::format(path, format!("cannot load the tokenizer: {e}")))
+}
+
+/// Parses the text of a `tokenizer.json`. The text is checked to be JSON first: the `tokenizers` crate (0.23)
+/// panics (`.expect("Helper")` in its decoder deserializer) instead of returning an error when the `decoder`
+/// object is not well-formed JSON.
+pub fn tokenizer_from_json(text: &str) -> Result<tokenizers::Tokenizer, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    text.parse::<tokenizers::Tokenizer>().map_err(|e| e.to_string())
 }
 
 /// A chat template and the special tokens it may refer to (`tokenizer_config.json`).
@@ -300,5 +308,24 @@ impl ChatTemplate {
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
         env.render_str(&self.source, ctx).map_err(|e| format!("cannot render the chat template: {e:#}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `tokenizer.json` whose `decoder` object is not well-formed JSON (found by `fuzz/`, target model_dir): an
+    /// error naming the place, not the `tokenizers` crate's panic ("Helper").
+    #[test]
+    fn malformed_tokenizer_json_is_an_error_not_a_panic() {
+        let text = r#"{"version": "1.0", "added_tokens": [], "normalizer": null, "pre_tokenizer": null,
+            "post_processor": null, "decoder": {"type": "ByteLevel", 7: 1},
+            "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}"#;
+        let err = tokenizer_from_json(text).unwrap_err();
+        assert!(err.starts_with("invalid JSON: key must be a string at line 2"), "{err}");
+        // A tokenizer the crate wrote still loads.
+        let good = tokenizers::Tokenizer::new(tokenizers::models::bpe::BPE::default()).to_string(false).unwrap();
+        assert!(tokenizer_from_json(&good).is_ok());
     }
 }
