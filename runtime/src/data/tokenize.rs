@@ -133,7 +133,7 @@ impl TextTokenizer {
     pub fn from_file(path: &Path, special: SpecialTokens) -> Result<TextTokenizer, DataError> {
         let bad = |message: String| DataError::Tokenizer { path: path.to_path_buf(), message };
         let json = super::reader::read_text_file(path, MAX_TOKENIZER_BYTES)?;
-        let inner: tokenizers::Tokenizer = json.parse().map_err(|e: tokenizers::Error| bad(e.to_string()))?;
+        let inner = crate::weights::tokenizer::tokenizer_from_json(&json).map_err(|e| bad(ir::untrusted::show(&e)))?;
         TextTokenizer::new(inner, path, special)
     }
 

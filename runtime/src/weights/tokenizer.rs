@@ -244,8 +244,18 @@ pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, WeightsError
         return Err(WeightsError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json")));
     }
     let bytes = read_capped(path, MAX_JSON_BYTES, "weights::MAX_JSON_BYTES")?;
-    tokenizers::Tokenizer::from_bytes(&bytes)
-        .map_err(|e| WeightsError::format(path, format!("cannot load the tokenizer: {}", show(&e.to_string()))))
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| WeightsError::format(path, format!("cannot load the tokenizer: not UTF-8: {e}")))?;
+    tokenizer_from_json(text)
+        .map_err(|e| WeightsError::format(path, format!("cannot load the tokenizer: {}", show(&e))))
+}
+
+/// Parses the text of a `tokenizer.json`. The text is checked to be JSON first: the `tokenizers` crate (0.23)
+/// panics (`.expect("Helper")` in its decoder deserializer) instead of returning an error when the `decoder`
+/// object is not well-formed JSON.
+pub fn tokenizer_from_json(text: &str) -> Result<tokenizers::Tokenizer, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    text.parse::<tokenizers::Tokenizer>().map_err(|e| e.to_string())
 }
 
 /// A chat template and the special tokens it may refer to (`tokenizer_config.json`).
@@ -318,7 +328,7 @@ impl ChatTemplate {
 
 #[cfg(test)]
 mod tests {
-    use super::ChatTemplate;
+    use super::{tokenizer_from_json, ChatTemplate};
 
     fn template(source: &str) -> ChatTemplate {
         ChatTemplate { source: source.into(), bos_token: None, eos_token: Some("</s>".into()) }
@@ -337,5 +347,19 @@ mod tests {
         assert!(e.contains("ran out of fuel"), "{e}");
         let e = template("{{ m }}").render(&[("robot\u{1b}", "hi")], true).unwrap_err();
         assert!(e.contains("unknown chat role") && !e.contains('\u{1b}'), "{e}");
+    }
+
+    /// A `tokenizer.json` whose `decoder` object is not well-formed JSON (found by `fuzz/`, target model_dir): an
+    /// error naming the place, not the `tokenizers` crate's panic ("Helper").
+    #[test]
+    fn malformed_tokenizer_json_is_an_error_not_a_panic() {
+        let text = r#"{"version": "1.0", "added_tokens": [], "normalizer": null, "pre_tokenizer": null,
+            "post_processor": null, "decoder": {"type": "ByteLevel", 7: 1},
+            "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}"#;
+        let err = tokenizer_from_json(text).unwrap_err();
+        assert!(err.starts_with("invalid JSON: key must be a string at line 2"), "{err}");
+        // A tokenizer the crate wrote still loads.
+        let good = tokenizers::Tokenizer::new(tokenizers::models::bpe::BPE::default()).to_string(false).unwrap();
+        assert!(tokenizer_from_json(&good).is_ok());
     }
 }
