@@ -29,7 +29,7 @@ test: setup
 	if command -v cargo-afl >/dev/null; then scripts/fuzz.sh 6; fi
 
 # The fuzzing campaign: FUZZ_SECONDS of AFL++ per target (dsl plan gguf model_dir checkpoint data), one at a time;
-# a table and target/fuzz/summary.json; crashing inputs go to fuzz/regressions/<target>/ (docs/security.d/fuzz.md).
+# a table and target/fuzz/summary.json; crashing inputs go to fuzz/regressions/<target>/ (docs/security.md, "Fuzzing").
 FUZZ_SECONDS ?= 600
 fuzz: setup
 	scripts/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
