@@ -35,22 +35,24 @@ pub struct TrainConfig {
 }
 
 impl Default for TrainConfig {
+    /// The defaults of the plan's settings type (`ir::plan::TrainSettings::default`), the one place they are written.
     fn default() -> TrainConfig {
+        let t = ir::plan::TrainSettings::default();
         TrainConfig {
-            seq_len: 512,
-            micro_batch: 1,
-            lr: 2e-4,
-            steps: 1000,
-            warmup_steps: 0,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            grad_accum: 1,
-            max_grad_norm: 1.0,
-            seed: 42,
-            eval_every: 0,
-            save_every: 500,
+            seq_len: t.seq_len as usize,
+            micro_batch: t.micro_batch as usize,
+            lr: t.lr,
+            steps: t.steps as usize,
+            warmup_steps: t.warmup_steps as usize,
+            weight_decay: t.weight_decay,
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            grad_accum: t.grad_accum as usize,
+            max_grad_norm: t.max_grad_norm,
+            seed: t.seed,
+            eval_every: t.eval_every as usize,
+            save_every: t.save_every as usize,
             recompute: false,
         }
     }

@@ -251,6 +251,28 @@ pub struct TrainSettings {
     pub save_every: u64,
 }
 
+impl Default for TrainSettings {
+    /// The recipe's `Train::default()` (`frontend::recipe::TrainConfig` starts from these).
+    fn default() -> TrainSettings {
+        TrainSettings {
+            seq_len: 512,
+            micro_batch: 1,
+            lr: 2e-4,
+            steps: 1000,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            seed: 42,
+            eval_every: 0,
+            save_every: 500,
+        }
+    }
+}
+
 /// What PEFT's `adapter_config.json` needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdapterSettings {

@@ -290,22 +290,7 @@ mod tests {
     use super::*;
 
     fn good() -> TrainSettings {
-        TrainSettings {
-            seq_len: 8,
-            micro_batch: 2,
-            lr: 2e-4,
-            steps: 10,
-            warmup_steps: 0,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            grad_accum: 1,
-            max_grad_norm: 1.0,
-            seed: 42,
-            eval_every: 0,
-            save_every: 500,
-        }
+        TrainSettings { seq_len: 8, micro_batch: 2, steps: 10, ..TrainSettings::default() }
     }
 
     #[test]

@@ -46,18 +46,10 @@ fn source() -> PlanSource {
         train: TrainSettings {
             seq_len: 8,
             micro_batch: 2,
-            lr: 2e-4,
             steps: 10,
             warmup_steps: 1,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            grad_accum: 1,
-            max_grad_norm: 1.0,
-            seed: 42,
-            eval_every: 0,
             save_every: 5,
+            ..TrainSettings::default()
         },
         peft: Some(AdapterSettings {
             method: "qlora".into(),

@@ -116,19 +116,12 @@ fn host_library() -> Vec<u8> {
 fn train() -> TrainSettings {
     TrainSettings {
         seq_len: 1,
-        micro_batch: 1,
         lr: 0.25,
         steps: 3,
-        warmup_steps: 0,
-        weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        grad_accum: 1,
         max_grad_norm: 0.0,
         seed: 0,
-        eval_every: 0,
         save_every: 0,
+        ..TrainSettings::default()
     }
 }
 

@@ -37,22 +37,7 @@ fn graph_plan(mut g: Graph) -> Plan {
     assert!(b.missing.is_empty(), "kernels without a template: {:?}", b.missing);
     let memory = passes::memory::plan(&g);
     let (values, buffers) = plan_source::memory_parts(&memory);
-    let train = TrainSettings {
-        seq_len: 1,
-        micro_batch: 1,
-        lr: 1e-3,
-        steps: 1,
-        warmup_steps: 0,
-        weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        grad_accum: 1,
-        max_grad_norm: 1.0,
-        seed: 0,
-        eval_every: 0,
-        save_every: 0,
-    };
+    let train = TrainSettings { seq_len: 1, lr: 1e-3, steps: 1, seed: 0, save_every: 0, ..TrainSettings::default() };
     let mut plan = build_plan(PlanSource {
         recipe: g.name.clone(),
         target: "cpu".into(),

@@ -20,22 +20,7 @@ fn plan() -> Plan {
 "#,
     )
     .unwrap();
-    let train = TrainSettings {
-        seq_len: 2,
-        micro_batch: 1,
-        lr: 0.1,
-        steps: 4,
-        warmup_steps: 0,
-        weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        grad_accum: 1,
-        max_grad_norm: 1.0,
-        seed: 1,
-        eval_every: 0,
-        save_every: 1,
-    };
+    let train = TrainSettings { seq_len: 2, lr: 0.1, steps: 4, seed: 1, save_every: 1, ..TrainSettings::default() };
     build_plan(PlanSource {
         recipe: "mock".into(),
         target: "cpu".into(),
