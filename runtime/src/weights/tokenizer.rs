@@ -250,11 +250,12 @@ pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, WeightsError
         .map_err(|e| WeightsError::format(path, format!("cannot load the tokenizer: {}", show(&e))))
 }
 
-/// Parses the text of a `tokenizer.json`. The text is checked to be JSON first: the `tokenizers` crate (0.23)
-/// panics (`.expect("Helper")` in its decoder deserializer) instead of returning an error when the `decoder`
-/// object is not well-formed JSON.
+/// Parses the text of a `tokenizer.json`. The text is checked to be JSON first, parsed into values (not skimmed:
+/// a lone surrogate escape `\ud800` or a number like `1e400` passes a skim): the `tokenizers` crate (0.23) panics
+/// (`.expect("Helper")` in its decoder deserializer) instead of returning an error when the `decoder` object is not
+/// valid JSON.
 pub fn tokenizer_from_json(text: &str) -> Result<tokenizers::Tokenizer, String> {
-    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    serde_json::from_str::<serde_json::Value>(text).map_err(|e| format!("invalid JSON: {e}"))?;
     text.parse::<tokenizers::Tokenizer>().map_err(|e| e.to_string())
 }
 
@@ -358,6 +359,10 @@ mod tests {
             "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}"#;
         let err = tokenizer_from_json(text).unwrap_err();
         assert!(err.starts_with("invalid JSON: key must be a string at line 2"), "{err}");
+        // Well-formed but invalid JSON (found by the second campaign): a lone surrogate in the decoder's type.
+        let surrogate = text.replace("7: 1", r#""type": "B\ud800el""#).replace(r#""type": "ByteLevel", "#, "");
+        let err = tokenizer_from_json(&surrogate).unwrap_err();
+        assert!(err.starts_with("invalid JSON: unexpected end of hex escape"), "{err}");
         // A tokenizer the crate wrote still loads.
         let good = tokenizers::Tokenizer::new(tokenizers::models::bpe::BPE::default()).to_string(false).unwrap();
         assert!(tokenizer_from_json(&good).is_ok());
